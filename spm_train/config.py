@@ -1,0 +1,191 @@
+"""What to erase (``ConceptSpec``) and how to train (``TrainerConfig``), validated on construction.
+
+Both are plain dataclasses: the Hydra layer builds them from YAML, library users build them in
+Python. Every problem found is reported at once in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ERASE = "erase"
+ERASE_WITH_ANCHORING = "erase_with_la"
+ACTIONS = (ERASE, ERASE_WITH_ANCHORING)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One concept to erase.
+
+    The erase loss pulls ``eps_on(target)`` towards ``eps(neutral) - g * (eps(positive) - eps(neutral))``.
+    With the defaults (positive = target, neutral = "") that is the paper's plain erasure. A surrogate
+    ("erase A, draw B instead") sets the neutral prompt to B.
+    """
+
+    name: str
+    target: str
+    positive: str | None = None
+    neutral: str | None = None
+    surrogate: str | None = None
+    action: str = ERASE_WITH_ANCHORING
+    guidance_scale: float = 1.0
+    nontarget: tuple[str, ...] = ()
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.name, str) or not _NAME.match(self.name or ""):
+            problems.append(
+                f"name {self.name!r} must start with a letter or digit and use only letters, digits, '_', '.', '-'"
+            )
+        if not isinstance(self.target, str) or not self.target.strip():
+            problems.append(f"concept {self.name!r}: target prompt is empty")
+        if self.action not in ACTIONS:
+            problems.append(f"concept {self.name!r}: action {self.action!r} is not one of {list(ACTIONS)}")
+        if self.surrogate is not None and self.neutral is not None:
+            problems.append(f"concept {self.name!r}: give either surrogate or neutral, not both")
+        if self.surrogate is not None and not str(self.surrogate).strip():
+            problems.append(f"concept {self.name!r}: surrogate prompt is empty")
+        if self.positive is not None and not str(self.positive).strip():
+            problems.append(f"concept {self.name!r}: positive prompt is empty")
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
+            problems.append(f"concept {self.name!r}: guidance_scale must be >= 0, got {self.guidance_scale!r}")
+        if problems:
+            raise ConfigError("concept", problems)
+        object.__setattr__(self, "nontarget", tuple(self.nontarget))
+        object.__setattr__(self, "trainer", dict(self.trainer))
+
+    @property
+    def positive_prompt(self) -> str:
+        return self.positive if self.positive is not None else self.target
+
+    @property
+    def neutral_prompt(self) -> str:
+        if self.surrogate is not None:
+            return self.surrogate
+        return self.neutral if self.neutral is not None else ""
+
+    @property
+    def uses_anchoring(self) -> bool:
+        return self.action == ERASE_WITH_ANCHORING
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["nontarget"] = list(self.nontarget)
+        return data
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCOPES = ("transformer", "attention", "cross_attention")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Hyper-parameters of the latent-anchoring fine-tune. Defaults are the paper's preset."""
+
+    iterations: int = 3000
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "cosine_with_restarts"
+    lr_warmup_steps: int = 500
+    lr_cycles: int = 3
+    batch_size: int = 1
+    max_denoising_steps: int = 30
+    trajectory_guidance: float = 3.0
+    la_strength: float = 1000.0
+    anchors_per_step: int = 4
+    anchor_scale_min: float = 0.8
+    anchor_scale_max: float = 1.2
+    rank: int = 1
+    alpha: float = 1.0
+    scope: str = "transformer"
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    resolution: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        problems = []
+
+        def positive(name, allow_zero=False):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                problems.append(f"{name} must be a number, got {value!r}")
+            elif value < 0 or (value == 0 and not allow_zero):
+                problems.append(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+        for name in ("iterations", "lr", "batch_size", "rank", "alpha", "max_denoising_steps", "log_every"):
+            positive(name)
+        for name in ("weight_decay", "lr_warmup_steps", "la_strength", "anchors_per_step",
+                     "max_grad_norm", "checkpoint_every", "trajectory_guidance"):
+            positive(name, allow_zero=True)
+        for name in ("iterations", "batch_size", "rank", "max_denoising_steps", "anchors_per_step",
+                     "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"{name} must be an integer, got {value!r}")
+        if isinstance(self.max_denoising_steps, int) and self.max_denoising_steps < 2:
+            problems.append(f"max_denoising_steps must be >= 2, got {self.max_denoising_steps}")
+        if isinstance(self.lr_cycles, int) and self.lr_cycles < 1:
+            problems.append(f"lr_cycles must be >= 1, got {self.lr_cycles}")
+        if not (0 < self.anchor_scale_min <= self.anchor_scale_max):
+            problems.append(
+                f"anchor scale range must satisfy 0 < min <= max, got [{self.anchor_scale_min}, {self.anchor_scale_max}]"
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"lr_scheduler {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.scope not in SCOPES:
+            problems.append(f"scope {self.scope!r} is not one of {list(SCOPES)}")
+        if self.resolution is not None and (
+            not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8
+        ):
+            problems.append(f"resolution must be a positive multiple of 8, got {self.resolution!r}")
+        if problems:
+            raise ConfigError("trainer config", problems)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainerConfig":
+        if name not in TRAINER_PRESETS:
+            raise ConfigError("trainer config", [f"unknown preset {name!r}; known: {sorted(TRAINER_PRESETS)}"])
+        return dataclasses.replace(TRAINER_PRESETS[name], **overrides)
+
+    def replace(self, **overrides) -> "TrainerConfig":
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError("trainer config", [f"unknown key {k!r}" for k in unknown])
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes the trained weights (logging cadence left out)."""
+        data = self.to_dict()
+        data.pop("log_every")
+        data.pop("checkpoint_every")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+TRAINER_PRESETS: dict[str, TrainerConfig] = {
+    # Lyu et al. 2024: AdamW 1e-4, 3000 iterations, cosine with 3 restarts, 500 warm-up, batch 1, rank 1.
+    "paper": TrainerConfig(),
+    # A shorter schedule for quick looks on real models.
+    "fast": TrainerConfig(iterations=1000, lr=3e-4, lr_warmup_steps=100, precision="bf16"),
+    # Seconds on a CPU with tiny models: for tests and smoke runs, not for real erasure.
+    "smoke": TrainerConfig(iterations=4, lr=1e-3, lr_scheduler="constant", lr_warmup_steps=0,
+                           max_denoising_steps=4, anchors_per_step=2, log_every=1),
+}

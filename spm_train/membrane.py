@@ -1,0 +1,556 @@
+"""Membranes: rank-r adapters wrapping the Linear and Conv2d layers of a UNet's transformer blocks.
+
+A ``MembraneLayer`` wraps one base layer and holds the down/up weights of *several* membranes
+stacked along the rank axis. Which membrane acts on which sample is decided per call by a shared
+``Router``: it holds a ``[batch, membranes]`` matrix of permeabilities ``gamma``, and every layer
+computes
+
+    y = W x + sum_i gamma[b, i] * (alpha_i / rank_i) * up_i(down_i(x))
+
+in two matmuls over the stacked ranks. One-hot rows give per-sample routing for training packs;
+dense rows give the exact multi-membrane composition used at generation (never a sum of up- and
+down-weights, which would add cross terms).
+
+``Membrane`` is the detached artifact: weights keyed in the kohya/webui LoRA convention
+(``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``) plus
+metadata, stored as safetensors with JSON metadata in the header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import io
+from .errors import IncompatibleMembraneError, MembraneFormatError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "spm-membrane"
+FORMAT_VERSION = "1"
+KEY_PREFIX = "lora_unet_"
+REQUIRED_METADATA = ("format", "format_version", "name", "concepts", "family", "layout",
+                     "base_fingerprint", "rank", "alpha", "trainer")
+
+# ---------------------------------------------------------------------------------------------
+# Which layers a membrane covers
+
+
+def _transformer_block_types() -> tuple[type, ...]:
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return (Transformer2DModel,)
+
+
+def _in_scope(path: str, scope: str) -> bool:
+    if scope == "transformer":
+        return True
+    if scope == "attention":
+        return ".attn1." in path or ".attn2." in path
+    if scope == "cross_attention":
+        return ".attn2." in path
+    raise ValueError(f"unknown membrane scope {scope!r}; supported: transformer, attention, cross_attention")
+
+
+def membrane_targets(unet: nn.Module, scope: str = "transformer") -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``nn.Conv2d`` inside the UNet's ``Transformer2DModel`` blocks, by module path.
+
+    ``scope`` narrows the set: ``attention`` (self- and cross-attention projections) or
+    ``cross_attention`` (``attn2`` only). Paths are sorted so every walk visits layers in one order.
+    """
+    block_types = _transformer_block_types()
+    found: dict[str, nn.Module] = {}
+    for block_path, block in unet.named_modules():
+        if not isinstance(block, block_types):
+            continue
+        for sub_path, module in block.named_modules():
+            path = f"{block_path}.{sub_path}" if sub_path else block_path
+            if isinstance(module, MembraneLayer):
+                raise IncompatibleMembraneError(
+                    f"layer {path} already carries membranes; detach them before attaching new ones"
+                )
+            base = isinstance(module, (nn.Linear, nn.Conv2d))
+            if base and not _inside_membrane(path, found) and _in_scope(path, scope):
+                found[path] = module
+    return dict(sorted(found.items()))
+
+
+def _inside_membrane(path: str, found: dict[str, nn.Module]) -> bool:
+    return any(path.startswith(p + ".") for p in found)
+
+
+def kohya_name(module_path: str) -> str:
+    """``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    return KEY_PREFIX + module_path.replace(".", "_")
+
+
+def layer_shapes(module: nn.Module) -> tuple[tuple[int, ...], int]:
+    """(shape of one down row, output features) for a Linear or Conv2d."""
+    if isinstance(module, MembraneLayer):
+        module = module.base_layer
+    if isinstance(module, nn.Linear):
+        return (module.in_features,), module.out_features
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise IncompatibleMembraneError(f"grouped convolutions are not supported (groups={module.groups})")
+        return (module.in_channels, *module.kernel_size), module.out_channels
+    raise IncompatibleMembraneError(
+        f"membranes wrap nn.Linear and nn.Conv2d layers only, got {type(module).__name__}"
+    )
+
+
+def layout_id(unet: nn.Module, scope: str = "transformer") -> str:
+    """A short hash of the adapted layers' names and shapes: equal ids mean membranes transfer."""
+    rows = [(kohya_name(p), *layer_shapes(m)) for p, m in membrane_targets(unet, scope).items()]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: layers, router, bank
+
+
+class Router:
+    """Per-call routing shared by all layers of one bank.
+
+    ``set(gamma)`` takes a ``[batch, membranes]`` (or ``[membranes]``) tensor; ``None`` closes every
+    membrane so layers run their base weights alone.
+    """
+
+    def __init__(self, slot_owner: torch.Tensor, slot_scale: torch.Tensor):
+        self.slot_owner = slot_owner
+        self.slot_scale = slot_scale
+        self.num_membranes = int(slot_owner.max().item()) + 1 if slot_owner.numel() else 0
+        self.weights: torch.Tensor | None = None
+
+    def set(self, gamma: torch.Tensor | None) -> None:
+        if gamma is None:
+            self.weights = None
+            return
+        gamma = torch.as_tensor(gamma)
+        if gamma.dim() == 1:
+            gamma = gamma.unsqueeze(0)
+        if gamma.dim() != 2 or gamma.shape[1] != self.num_membranes:
+            raise ValueError(
+                f"permeability must have shape [batch, {self.num_membranes}], got {tuple(gamma.shape)}"
+            )
+        owner = self.slot_owner.to(gamma.device)
+        self.weights = gamma.index_select(1, owner) * self.slot_scale.to(gamma.device, gamma.dtype)
+
+    def weights_for(self, batch: int) -> torch.Tensor | None:
+        w = self.weights
+        if w is None or w.shape[0] in (1, batch):
+            return w
+        raise RuntimeError(
+            f"membrane permeability was set for a batch of {w.shape[0]} but the UNet got a batch of {batch}"
+        )
+
+
+class MembraneLayer(nn.Module):
+    """Wraps a Linear or Conv2d; its membranes' ranks are stacked along one axis of ``down``/``up``."""
+
+    def __init__(self, base_layer: nn.Module, router: Router, num_slots: int, dtype=torch.float32):
+        super().__init__()
+        in_shape, out_features = layer_shapes(base_layer)
+        self.base_layer = base_layer
+        self.router = router
+        device = base_layer.weight.device
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        self.down = nn.Parameter(torch.zeros(num_slots, *in_shape, device=device, dtype=dtype))
+        up_shape = (out_features, num_slots, 1, 1) if self.is_conv else (out_features, num_slots)
+        self.up = nn.Parameter(torch.zeros(up_shape, device=device, dtype=dtype))
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.down.shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        w = self.router.weights_for(x.shape[0])
+        if w is None:
+            return y
+        xm = x.to(self.down.dtype)
+        if self.is_conv:
+            conv = self.base_layer
+            h = F.conv2d(xm, self.down, None, conv.stride, conv.padding, conv.dilation)
+            h = h * w.to(h.dtype)[:, :, None, None]
+            delta = F.conv2d(h, self.up)
+        else:
+            h = F.linear(xm, self.down)
+            h = h * w.to(h.dtype).view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
+            delta = F.linear(h, self.up)
+        return y + delta.to(y.dtype)
+
+    def delta_weight(self, slot_weights: torch.Tensor) -> torch.Tensor:
+        """The dense weight update for fixed per-slot weights (``[slots]``), shaped like the base weight."""
+        if self.is_conv and self.down.shape[-1] * self.down.shape[-2] != 1:
+            up = self.up.flatten(1) * slot_weights
+            return torch.einsum("os,sikl->oikl", up, self.down)
+        up = self.up.reshape(self.up.shape[0], -1) * slot_weights
+        delta = up @ self.down.reshape(self.down.shape[0], -1)
+        return delta.reshape(self.base_layer.weight.shape)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Rank and alpha of one membrane in a bank."""
+
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class MembraneBank:
+    """M membranes attached to one UNet. Detaching restores the original layers exactly."""
+
+    def __init__(self, unet: nn.Module, targets: dict[str, nn.Module], specs: Sequence[SlotSpec],
+                 dtype: torch.dtype = torch.float32):
+        if not specs:
+            raise ValueError("a membrane bank needs at least one membrane")
+        for spec in specs:
+            if not isinstance(spec.rank, int) or spec.rank <= 0:
+                raise ValueError(f"membrane rank must be a positive integer, got {spec.rank!r}")
+        if not targets:
+            raise IncompatibleMembraneError("the UNet has no Linear/Conv2d layers inside Transformer2DModel blocks")
+        self.unet = unet
+        self.specs = list(specs)
+        owner = torch.cat([torch.full((s.rank,), i, dtype=torch.long) for i, s in enumerate(specs)])
+        scale = torch.cat([torch.full((s.rank,), s.scale, dtype=torch.float32) for s in specs])
+        self.slot_starts = [sum(s.rank for s in specs[:i]) for i in range(len(specs))]
+        self.router = Router(owner, scale)
+        self.layers: dict[str, MembraneLayer] = {}
+        for path, base in targets.items():
+            layer = MembraneLayer(base, self.router, num_slots=len(owner), dtype=dtype)
+            _set_submodule(unet, path, layer)
+            self.layers[path] = layer
+        self.attached = True
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def attach(cls, unet: nn.Module, count: int = 1, rank: int = 1, alpha: float = 1.0,
+               scope: str = "transformer", generators: Sequence[torch.Generator] | None = None,
+               dtype: torch.dtype = torch.float32) -> "MembraneBank":
+        """Attach ``count`` fresh membranes: down kaiming-uniform (a=sqrt(5)), up zeros.
+
+        ``generators`` (one per membrane) make each membrane's initial draw independent of the
+        others, so a membrane starts from the same weights alone or in a pack.
+        """
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"membrane rank must be a positive integer, got {rank!r}")
+        if generators is not None and len(generators) != count:
+            raise ValueError(f"got {len(generators)} generators for {count} membranes")
+        bank = cls(unet, membrane_targets(unet, scope), [SlotSpec(rank, float(alpha))] * count, dtype=dtype)
+        for i in range(count):
+            bank.reset_membrane(i, generators[i] if generators is not None else None)
+        return bank
+
+    @classmethod
+    def from_membranes(cls, unet: nn.Module, membranes: Sequence["Membrane"],
+                       dtype: torch.dtype = torch.float32) -> "MembraneBank":
+        """Attach trained membranes; each must fit the UNet's layer names and shapes."""
+        if not membranes:
+            raise ValueError("no membranes given")
+        all_targets = membrane_targets(unet, "transformer")
+        by_name = {kohya_name(p): p for p in all_targets}
+        used: set[str] = set()
+        for m in membranes:
+            _check_fits(m, all_targets, by_name)
+            used.update(by_name[k] for k in m.weights)
+        targets = {p: all_targets[p] for p in sorted(used)}
+        bank = cls(unet, targets, [SlotSpec(m.rank, m.alpha) for m in membranes], dtype=dtype)
+        for i, m in enumerate(membranes):
+            bank.load_membrane(i, m)
+        return bank
+
+    # -- weights -------------------------------------------------------------------------
+    def _slots(self, index: int) -> slice:
+        start = self.slot_starts[index]
+        return slice(start, start + self.specs[index].rank)
+
+    @torch.no_grad()
+    def reset_membrane(self, index: int, generator: torch.Generator | None = None) -> None:
+        s = self._slots(index)
+        for layer in self.layers.values():
+            bound = 1.0 / math.sqrt(layer.fan_in)  # kaiming_uniform(a=sqrt(5)) on a [rank, fan_in] weight
+            shape = (self.specs[index].rank, *layer.down.shape[1:])
+            draw = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+            layer.down[s] = draw.to(layer.down)
+            layer.up[:, s] = 0
+
+    @torch.no_grad()
+    def load_membrane(self, index: int, membrane: "Membrane") -> None:
+        s = self._slots(index)
+        for path, layer in self.layers.items():
+            key = kohya_name(path)
+            if key in membrane.weights:
+                down, up = membrane.weights[key]
+                layer.down[s] = down.to(layer.down)
+                layer.up[:, s] = up.to(layer.up)
+            else:
+                layer.down[s] = 0
+                layer.up[:, s] = 0
+
+    def export(self, index: int, **metadata) -> "Membrane":
+        """A detached copy (CPU, fp32) of membrane ``index`` with the given metadata."""
+        s = self._slots(index)
+        weights = {
+            kohya_name(path): (layer.down[s].detach().float().cpu().clone(),
+                               layer.up[:, s].detach().float().cpu().clone())
+            for path, layer in self.layers.items()
+        }
+        spec = self.specs[index]
+        return Membrane(weights=weights, rank=spec.rank, alpha=spec.alpha, **metadata)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.down, layer.up)]
+
+    @property
+    def num_membranes(self) -> int:
+        return len(self.specs)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def num_parameters(self, index: int | None = None) -> int:
+        """Parameters of one membrane (``index``), or of all of them."""
+        total = sum(layer.down[0].numel() + layer.up.shape[0] for layer in self.layers.values())
+        if index is None:
+            return total * sum(s.rank for s in self.specs)
+        return total * self.specs[index].rank
+
+    # -- routing -------------------------------------------------------------------------
+    def set_permeability(self, gamma: torch.Tensor | None) -> None:
+        """``gamma``: ``[batch, membranes]`` (or ``[membranes]`` for every sample); None closes all."""
+        self.router.set(gamma)
+
+    def route(self, owners: torch.Tensor) -> None:
+        """Open for each sample only its own membrane: ``owners[b]`` is a membrane index or -1 for none."""
+        owners = torch.as_tensor(owners)
+        gamma = F.one_hot(owners.clamp(min=0), self.num_membranes).float()
+        gamma = gamma * (owners >= 0).unsqueeze(1).float()
+        self.router.set(gamma)
+
+    @contextlib.contextmanager
+    def permeability(self, gamma: torch.Tensor | None) -> Iterator[None]:
+        previous = self.router.weights
+        self.router.set(gamma)
+        try:
+            yield
+        finally:
+            self.router.weights = previous
+
+    # -- merge / detach ------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, gamma: Sequence[float] | torch.Tensor) -> "MergedWeights":
+        """Fold ``sum_i gamma_i * scale_i * U_i D_i`` into the base weights; ``unmerge`` restores them bit for bit.
+
+        Only for a fixed permeability per membrane: facilitated transport needs the unmerged layers.
+        """
+        gamma = torch.as_tensor(gamma, dtype=torch.float32)
+        if gamma.shape != (self.num_membranes,):
+            raise ValueError(f"merge needs one permeability per membrane ({self.num_membranes}), got {tuple(gamma.shape)}")
+        self.router.set(None)
+        slot_w = gamma[self.router.slot_owner] * self.router.slot_scale
+        originals = {}
+        for path, layer in self.layers.items():
+            weight = layer.base_layer.weight
+            originals[path] = weight.detach().clone()
+            delta = layer.delta_weight(slot_w.to(layer.down.device))
+            weight.add_(delta.to(weight.dtype))
+        return MergedWeights(self, originals)
+
+    def detach(self) -> None:
+        """Put the original layers back; the bank cannot be used afterwards."""
+        if not self.attached:
+            return
+        for path, layer in self.layers.items():
+            _set_submodule(self.unet, path, layer.base_layer)
+        self.router.set(None)
+        self.attached = False
+
+
+@dataclass
+class MergedWeights:
+    bank: MembraneBank
+    originals: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for path, weight in self.originals.items():
+            self.bank.layers[path].base_layer.weight.copy_(weight)
+        self.originals = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact
+
+
+@dataclass
+class Membrane:
+    """A trained membrane: weights by kohya key and what is needed to use and trace it."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+    name: str = "membrane"
+    concepts: tuple[str, ...] = ()
+    family: str = "unknown"
+    layout: str = ""
+    base_fingerprint: str = ""
+    trainer: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(d.numel() + u.numel() for d, u in self.weights.values())
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.weights)
+
+    def metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "concepts": json.dumps(list(self.concepts)),
+            "family": self.family,
+            "layout": self.layout,
+            "base_fingerprint": self.base_fingerprint,
+            "rank": str(self.rank),
+            "alpha": repr(float(self.alpha)),
+            "trainer": json.dumps(self.trainer, sort_keys=True),
+            # read by kohya-style tools to show the network's size
+            "ss_network_dim": str(self.rank),
+            "ss_network_alpha": repr(float(self.alpha)),
+        }
+        meta.update({k: str(v) for k, v in self.extra.items()})
+        return meta
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for key, (down, up) in sorted(self.weights.items()):
+            tensors[f"{key}.lora_down.weight"] = down.contiguous()
+            tensors[f"{key}.lora_up.weight"] = up.contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(float(self.alpha))
+        return tensors
+
+    def save(self, url) -> str:
+        """Write ``url`` (a .safetensors path or fsspec URL) atomically; returns the URL."""
+        validate_weights(self.weights, self.rank, where=self.name)
+        with io.atomic_output(url) as tmp:
+            save_file(self.state_dict(), tmp, metadata=self.metadata())
+        logger.info("saved membrane %s (%d layers, %d parameters) to %s",
+                    self.name, self.num_layers, self.num_parameters, url)
+        return str(url)
+
+
+def validate_weights(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, where: str = "") -> None:
+    """Shapes agree with ``rank``, every value is finite."""
+    prefix = f"{where}: " if where else ""
+    if not weights:
+        raise MembraneFormatError(f"{prefix}membrane holds no layers")
+    for key, (down, up) in weights.items():
+        if down.shape[0] != rank or up.shape[1] != rank:
+            raise MembraneFormatError(
+                f"{prefix}{key}: down {tuple(down.shape)} / up {tuple(up.shape)} do not match rank {rank}"
+            )
+        if up.dim() == 4 and up.shape[2:] != (1, 1):
+            raise MembraneFormatError(f"{prefix}{key}: up weight must be 1x1, got {tuple(up.shape)}")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise MembraneFormatError(f"{prefix}{key}: weights contain NaN or Inf")
+
+
+def load_membrane(url) -> Membrane:
+    """Read and validate a membrane file. Raises ``MembraneFormatError`` naming the first problem."""
+    try:
+        with io.local_copy(url) as path:
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except FileNotFoundError:
+        raise MembraneFormatError(f"membrane file not found: {url}") from None
+    except MembraneFormatError:
+        raise
+    except Exception as exc:
+        raise MembraneFormatError(f"{url} is not a readable safetensors file ({exc})") from None
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise MembraneFormatError(f"{url}: metadata lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT_NAME:
+        raise MembraneFormatError(f"{url}: format is {meta['format']!r}, expected {FORMAT_NAME!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise MembraneFormatError(f"{url}: format version {meta['format_version']} is not supported "
+                                  f"(this library reads version {FORMAT_VERSION})")
+    try:
+        rank = int(meta["rank"])
+        alpha = float(meta["alpha"])
+        concepts = tuple(json.loads(meta["concepts"]))
+        trainer = json.loads(meta["trainer"])
+    except (ValueError, TypeError) as exc:
+        raise MembraneFormatError(f"{url}: malformed metadata ({exc})") from None
+    if rank <= 0:
+        raise MembraneFormatError(f"{url}: rank must be positive, got {rank}")
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    names = set()
+    for key in tensors:
+        stem, sep, suffix = key.partition(".")
+        if not stem.startswith(KEY_PREFIX) or suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise MembraneFormatError(f"{url}: unknown key {key!r}")
+        names.add(stem)
+    for stem in sorted(names):
+        parts = [f"{stem}.lora_down.weight", f"{stem}.lora_up.weight"]
+        absent = [p for p in parts if p not in tensors]
+        if absent:
+            raise MembraneFormatError(f"{url}: {stem} lacks {', '.join(absent)}")
+        weights[stem] = (tensors[parts[0]].float(), tensors[parts[1]].float())
+        alpha_key = f"{stem}.alpha"
+        if alpha_key in tensors and not math.isclose(float(tensors[alpha_key]), alpha, rel_tol=1e-6):
+            raise MembraneFormatError(f"{url}: {alpha_key} = {float(tensors[alpha_key])} differs from alpha {alpha}")
+    validate_weights(weights, rank, where=str(url))
+    known = set(REQUIRED_METADATA) | {"ss_network_dim", "ss_network_alpha"}
+    return Membrane(
+        weights=weights, rank=rank, alpha=alpha, name=meta["name"], concepts=concepts,
+        family=meta["family"], layout=meta["layout"], base_fingerprint=meta["base_fingerprint"],
+        trainer=trainer, extra={k: v for k, v in meta.items() if k not in known},
+    )
+
+
+def _check_fits(membrane: Membrane, targets: dict[str, nn.Module], by_name: dict[str, str]) -> None:
+    unknown = sorted(k for k in membrane.weights if k not in by_name)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise IncompatibleMembraneError(
+            f"membrane {membrane.name!r} (family {membrane.family}) has layers this UNet lacks: {shown}"
+        )
+    for key, (down, up) in membrane.weights.items():
+        in_shape, out_features = layer_shapes(targets[by_name[key]])
+        if tuple(down.shape[1:]) != in_shape or up.shape[0] != out_features:
+            raise IncompatibleMembraneError(
+                f"membrane {membrane.name!r} (family {membrane.family}) does not fit layer {by_name[key]}: "
+                f"membrane maps {tuple(down.shape[1:])} -> {up.shape[0]}, layer maps {in_shape} -> {out_features}"
+            )

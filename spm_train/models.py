@@ -1,0 +1,195 @@
+"""Base models: load a diffusers pipeline, tell its family, encode prompts, call its UNet.
+
+Supported families (the structure decides, not the name on the folder):
+
+- ``sd1``: SD 1.x UNet (conv ``proj_in``/``proj_out`` in its transformer blocks), one CLIP text encoder.
+- ``sd2``: SD 2.x UNet (linear projections), one text encoder; epsilon or v-prediction.
+- ``sdxl``: SDXL UNet with ``text_time`` added conditioning, two text encoders, pooled embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning as the UNet consumes it: ``hidden`` [B, L, D], SDXL's ``pooled`` [B, P]."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, idx) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden[idx], None if self.pooled is None else self.pooled[idx])
+
+    def repeat(self, n: int) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden.repeat_interleave(n, 0),
+                            None if self.pooled is None else self.pooled.repeat_interleave(n, 0))
+
+    def to(self, *args, **kwargs) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden.to(*args, **kwargs),
+                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(items) -> "PromptEmbeds":
+        items = list(items)
+        pooled = None if items[0].pooled is None else torch.cat([i.pooled for i in items])
+        return PromptEmbeds(torch.cat([i.hidden for i in items]), pooled)
+
+
+def detect_family(pipe) -> str:
+    """Return ``sd1``, ``sd2`` or ``sdxl`` for a loaded pipeline, or raise naming what is supported."""
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__} has no UNet2DConditionModel; supported families: "
+            "SD 1.x, SD 2.x, SDXL (diffusers StableDiffusion / StableDiffusionXL pipelines)"
+        )
+    config = unet.config
+    if not any("CrossAttn" in t for t in config.down_block_types):
+        raise UnsupportedModelError("the UNet has no cross-attention blocks, so there is no text to erase")
+    if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise UnsupportedModelError(f"{type(pipe).__name__} lacks a text encoder or tokenizer")
+    if config.addition_embed_type == "text_time":
+        if getattr(pipe, "text_encoder_2", None) is None:
+            raise UnsupportedModelError("an SDXL-style UNet needs text_encoder_2")
+        return "sdxl"
+    if config.addition_embed_type is not None:
+        raise UnsupportedModelError(
+            f"UNet added conditioning {config.addition_embed_type!r} is not supported (SD 1.x, SD 2.x, SDXL are)"
+        )
+    return "sd2" if config.use_linear_projection else "sd1"
+
+
+def load_pipeline(path: str, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a diffusers pipeline from a local folder, or a hub id where the hub is reachable."""
+    from diffusers import DiffusionPipeline
+
+    local = os.path.isdir(path)
+    if not local and (os.path.sep in path.strip("/") and path.startswith((".", "/", "~"))):
+        raise ModelLoadError(f"base model folder {path!r} does not exist")
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if local:
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ModelLoadError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+        kwargs["local_files_only"] = True
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "local folder" if local else "hub id (the hub may be unreachable from here)"
+        raise ModelLoadError(f"could not load base model {path!r} as a {where}: {reason}") from None
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    detect_family(pipe)
+    return pipe
+
+
+def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 2048) -> str:
+    """A content hash of the UNet: config, and for every tensor its name, shape and strided values.
+
+    Cheap on multi-GB models (a few thousand values per tensor), and any real fine-tune changes it.
+    """
+    h = hashlib.sha256()
+    config = dict(getattr(unet, "config", {}))
+    h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True,
+                        default=str).encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        if name.endswith((".down", ".up")):  # attached membranes are not part of the base
+            continue
+        name = name.replace(".base_layer", "")
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        values = flat[::step][:samples_per_tensor].float().cpu().contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(values.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ModelAdapter:
+    """What training and generation need from a pipeline, for one family."""
+
+    def __init__(self, pipe, family: str | None = None):
+        self.pipe = pipe
+        self.family = family or detect_family(pipe)
+        if self.family not in FAMILIES:
+            raise UnsupportedModelError(f"family {self.family!r} is not one of {list(FAMILIES)}")
+        self.unet = pipe.unet
+        self.vae_scale_factor = getattr(pipe, "vae_scale_factor", 8)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def default_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        resolution = resolution or self.default_resolution()
+        side = resolution // self.vae_scale_factor
+        return (self.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> PromptEmbeds:
+        """Embed prompts exactly as the pipeline does for its own generations."""
+        device = self.device
+        if self.family == "sdxl":
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return PromptEmbeds(hidden, pooled)
+        hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+        return PromptEmbeds(hidden)
+
+    def token_ids(self, prompt: str) -> set[int]:
+        """The prompt's token ids without start, end and padding tokens."""
+        tok = self.pipe.tokenizer
+        ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+        return set(ids) - special_ids(tok)
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
+                resolution: int | None = None) -> torch.Tensor:
+        """One UNet call; ``timesteps`` holds one value per sample."""
+        kwargs = {}
+        if self.family == "sdxl":
+            resolution = resolution or self.default_resolution()
+            time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution],
+                                    device=latents.device, dtype=self.unet.dtype)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": embeds.pooled.to(self.unet.dtype),
+                "time_ids": time_ids.expand(latents.shape[0], -1),
+            }
+        dtype = self.unet.dtype
+        return self.unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.hidden.to(dtype),
+                         return_dict=False, **kwargs)[0]
+
+
+def special_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids.update(getattr(tokenizer, "all_special_ids", []) or [])
+    return {i for i in ids if i is not None}

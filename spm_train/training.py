@@ -1,0 +1,435 @@
+"""Latent-anchoring fine-tunes of a *pack* of membranes on one frozen base model.
+
+Every UNet call carries the samples of all K concepts of the pack, each sample routed to its own
+concept's membrane. Each concept draws its randomness from its own generators (seeded from the
+trainer seed and the concept's name), its loss and its gradient clipping are its own, and AdamW
+is element-wise: a pack therefore trains every membrane to the weights K separate runs would
+reach. K = 1 is the paper's algorithm.
+
+Per iteration and concept (Lyu et al. 2024):
+
+1. ``t_to ~ U[1, T)``; denoise pure noise for ``t_to`` DDIM steps, membrane on, CFG on the target.
+2. At the matching 1000-step timestep ``t``, with the membrane off: ``eps(positive)``,
+   ``eps(neutral)``, ``eps(anchor_j)``; with it on: ``eps(target)``, ``eps(anchor_j)``.
+3. ``L = MSE(eps_on(target), eps(neutral) - g (eps(positive) - eps(neutral)))
+   + lambda * MSE(eps_on(anchors), eps_off(anchors))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import io
+from .config import ConceptSpec, TrainerConfig
+from .errors import ConfigError
+from .membrane import Membrane, MembraneBank, layout_id
+from .models import ModelAdapter, PromptEmbeds, base_fingerprint
+from .sampling import DDIMSchedule
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "spm-pack-checkpoint-1"
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def concept_seed(seed: int, name: str) -> int:
+    """A per-concept seed: the same concept draws the same numbers alone or in any pack."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_anchors(target: torch.Tensor, count: int, generator: torch.Generator,
+                   scale_range: tuple[float, float], pool: int = 4) -> torch.Tensor:
+    """Anchor embeddings for latent anchoring, drawn without a host round-trip.
+
+    Gaussian noise shaped like ``target``, normalised, kept with probability ``1 - cos(target, noise)``,
+    rescaled to ``|target| * U(lo, hi)``. Candidates are drawn ``pool`` times over and the first
+    ``count`` accepted ones are kept (in high dimension nearly all are accepted).
+    """
+    shape = target.shape
+    dtype = torch.promote_types(torch.float32, target.dtype)
+    flat_target = target.reshape(-1).to(dtype)
+    norm = flat_target.norm()
+    candidates = torch.randn((count * pool, flat_target.numel()), generator=generator,
+                             device=target.device, dtype=dtype)
+    candidates = candidates / candidates.norm(dim=1, keepdim=True)
+    cosine = candidates @ (flat_target / norm)
+    accepted = torch.rand(count * pool, generator=generator, device=target.device, dtype=dtype) < (1 - cosine)
+    # rank accepted candidates first, keeping draw order inside each group
+    order = torch.argsort((~accepted).float() * (count * pool) + torch.arange(count * pool, device=target.device))
+    chosen = candidates[order[:count]]
+    lo, hi = scale_range
+    scale = norm * (lo + (hi - lo) * torch.rand(count, generator=generator, device=target.device, dtype=dtype))
+    return (chosen * scale.unsqueeze(1)).reshape(count, *shape).to(target.dtype)
+
+
+@dataclass
+class _Concept:
+    spec: ConceptSpec
+    host_rng: torch.Generator
+    rng: torch.Generator
+    target: PromptEmbeds
+    positive: PromptEmbeds
+    neutral: PromptEmbeds
+    num_anchors: int
+
+
+@dataclass
+class TrainingResult:
+    membranes: list[Membrane]
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    def final_losses(self) -> dict[str, dict]:
+        last: dict[str, dict] = {}
+        for row in self.history:
+            last[row["concept"]] = row
+        return last
+
+
+class PackTrainer:
+    """Trains one membrane per concept, all concepts of the pack in shared UNet batches."""
+
+    def __init__(self, pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig, *,
+                 checkpoint_dir: str | None = None, callback: Callable[[int, list[dict]], None] | None = None,
+                 progress: bool = True):
+        self.cfg = trainer
+        self.checkpoint_dir = checkpoint_dir
+        self.callback = callback
+        self.progress = progress
+        self._setup_concepts(concepts)
+        self._setup_model(pipe)
+        self._setup_bank()
+        self._setup_prompts()
+        self._setup_optimizer()
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- setup ---------------------------------------------------------------------------
+    def _setup_concepts(self, concepts: Sequence[ConceptSpec]) -> None:
+        concepts = list(concepts)
+        if not concepts:
+            raise ConfigError("pack", ["the concept list is empty"])
+        names = [c.name for c in concepts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError("pack", [f"concept names must be unique, repeated: {dupes}"])
+        self.specs = concepts
+
+    def _setup_model(self, pipe) -> None:
+        self.model = ModelAdapter(pipe)
+        self.unet = pipe.unet
+        self.device = self.model.device
+        # membranes, latents and losses are fp32 at least (fp64 on an fp64 base)
+        self.compute_dtype = torch.promote_types(torch.float32, self.unet.dtype)
+        self.unet.requires_grad_(False)
+        self.unet.eval()
+        self.fingerprint = base_fingerprint(self.unet)
+        self.layout = layout_id(self.unet, self.cfg.scope)
+        self.schedule = DDIMSchedule.from_scheduler_config(pipe.scheduler.config)
+        self.trajectory = self.schedule.timesteps(self.cfg.max_denoising_steps)
+        self.resolution = self.cfg.resolution or self.model.default_resolution()
+        self.latent_shape = self.model.latent_shape(self.resolution)
+        dtype = _DTYPES[self.cfg.precision]
+        self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                         else contextlib.nullcontext())
+
+    def _setup_bank(self) -> None:
+        seeds = [concept_seed(self.cfg.seed, s.name) for s in self.specs]
+        init_rngs = [torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds]
+        dtype = self.compute_dtype
+        self.bank = MembraneBank.attach(self.unet, count=len(self.specs), rank=self.cfg.rank,
+                                        alpha=self.cfg.alpha, scope=self.cfg.scope, generators=init_rngs,
+                                        dtype=dtype)
+        self.seeds = seeds
+
+    def _setup_prompts(self) -> None:
+        prompts = []
+        for spec in self.specs:
+            prompts += [spec.target, spec.positive_prompt, spec.neutral_prompt]
+        embeds = self.model.encode(prompts + [""])
+        self.uncond = embeds.index(slice(len(prompts), len(prompts) + 1))
+        self.concepts = []
+        for i, (spec, seed) in enumerate(zip(self.specs, self.seeds)):
+            rows = [embeds.index(slice(3 * i + j, 3 * i + j + 1)) for j in range(3)]
+            self.concepts.append(_Concept(
+                spec=spec,
+                host_rng=torch.Generator().manual_seed(seed),
+                rng=torch.Generator(device=self.device).manual_seed(seed),
+                target=rows[0], positive=rows[1], neutral=rows[2],
+                num_anchors=self.cfg.anchors_per_step if spec.uses_anchoring and self.cfg.la_strength > 0 else 0,
+            ))
+
+    def _setup_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=self.cfg.lr,
+                                           weight_decay=self.cfg.weight_decay)
+        self.lr_scheduler = get_scheduler(
+            self.cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.cfg.lr_warmup_steps,
+            num_training_steps=self.cfg.iterations, num_cycles=self.cfg.lr_cycles,
+        )
+
+    # -- one iteration ---------------------------------------------------------------------
+    def _draw(self):
+        """Per-concept random draws of one iteration, in a fixed order per concept."""
+        cfg = self.cfg
+        draws = []
+        for c in self.concepts:
+            t_to = int(torch.randint(1, cfg.max_denoising_steps, (1,), generator=c.host_rng))
+            noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=c.rng, device=self.device,
+                                dtype=self.compute_dtype)
+            anchors = None
+            if c.num_anchors:
+                scale = (cfg.anchor_scale_min, cfg.anchor_scale_max)
+                hidden = sample_anchors(c.target.hidden[0], c.num_anchors, c.rng, scale)
+                pooled = (None if c.target.pooled is None
+                          else sample_anchors(c.target.pooled[0], c.num_anchors, c.rng, scale))
+                anchors = PromptEmbeds(hidden, pooled)
+            draws.append((t_to, noise, anchors))  # DDIM starts from unit-variance noise
+        return draws
+
+    @torch.no_grad()
+    def _trajectories(self, draws) -> list[torch.Tensor]:
+        """Run every concept's partial trajectory in shared batches (membranes on, CFG on the target)."""
+        cfg = self.cfg
+        latents = [noise for _, noise, _ in draws]
+        t_tos = [t for t, _, _ in draws]
+        for i in range(max(t_tos)):
+            active = [k for k, t_to in enumerate(t_tos) if t_to > i]
+            x = torch.cat([latents[k] for k in active])
+            n = x.shape[0]
+            owners = torch.cat([torch.full((cfg.batch_size,), k, dtype=torch.long) for k in active])
+            cond = PromptEmbeds.cat([self.concepts[k].target.repeat(cfg.batch_size) for k in active])
+            embeds = PromptEmbeds.cat([self.uncond.repeat(n), cond])
+            t = torch.full((2 * n,), self.trajectory[i], device=self.device, dtype=torch.long)
+            self.bank.route(torch.cat([owners, owners]))
+            with self.autocast:
+                out = self.model.predict(torch.cat([x, x]), t, embeds, self.resolution)
+            uncond, cond_out = out.to(self.compute_dtype).chunk(2)
+            guided = uncond + cfg.trajectory_guidance * (cond_out - uncond)
+            x = self.schedule.step(guided, t[:n], x, cfg.max_denoising_steps)
+            for j, k in enumerate(active):
+                latents[k] = x[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+        return latents
+
+    def _train_step(self) -> torch.Tensor:
+        cfg = self.cfg
+        draws = self._draw()
+        latents = self._trajectories(draws)
+        B = cfg.batch_size
+        off_embeds, on_embeds, on_owner = [], [], []
+        off_x, off_t, on_x, on_t = [], [], [], []
+        for k, (c, (t_to, _, anchors), x) in enumerate(zip(self.concepts, draws, latents)):
+            t = self.schedule.train_timestep(t_to, cfg.max_denoising_steps)
+            na = c.num_anchors
+            ax = x[torch.arange(na) % B] if na else x[:0]
+            # membrane off: positive, neutral, anchors
+            off_x += [x, x, ax]
+            off_embeds += [c.positive.repeat(B), c.neutral.repeat(B)] + ([anchors] if na else [])
+            off_t.append(torch.full((2 * B + na,), t, dtype=torch.long))
+            # membrane on: target, anchors
+            on_x += [x, ax]
+            on_embeds += [c.target.repeat(B)] + ([anchors] if na else [])
+            on_t.append(torch.full((B + na,), t, dtype=torch.long))
+            on_owner.append(torch.full((B + na,), k, dtype=torch.long))
+        dev = self.device
+        with torch.no_grad():
+            self.bank.set_permeability(None)
+            with self.autocast:
+                off = self.model.predict(torch.cat(off_x), torch.cat(off_t).to(dev),
+                                         PromptEmbeds.cat(off_embeds), self.resolution).to(self.compute_dtype)
+        self.bank.route(torch.cat(on_owner))
+        with self.autocast:
+            on = self.model.predict(torch.cat(on_x), torch.cat(on_t).to(dev),
+                                    PromptEmbeds.cat(on_embeds), self.resolution).to(self.compute_dtype)
+        self.bank.set_permeability(None)
+
+        losses, total = [], 0.0
+        off_i = on_i = 0
+        for c in self.concepts:
+            na = c.num_anchors
+            pos, neu, off_anchor = off[off_i:off_i + B], off[off_i + B:off_i + 2 * B], off[off_i + 2 * B:off_i + 2 * B + na]
+            on_target, on_anchor = on[on_i:on_i + B], on[on_i + B:on_i + B + na]
+            off_i += 2 * B + na
+            on_i += B + na
+            g = c.spec.guidance_scale
+            erase = F.mse_loss(on_target, neu - g * (pos - neu))
+            anchor = F.mse_loss(on_anchor, off_anchor) if na else torch.zeros((), device=dev)
+            loss = erase + cfg.la_strength * anchor
+            total = total + loss
+            losses.append(torch.stack([loss.detach(), erase.detach(), anchor.detach()]))
+        total.backward()
+        self._clip_per_membrane()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses)
+
+    @torch.no_grad()
+    def _clip_per_membrane(self) -> None:
+        """Clip each membrane's gradient to its own norm, as K separate runs would."""
+        if not self.cfg.max_grad_norm:
+            return
+        owner = self.bank.router.slot_owner.to(self.device)
+        per_slot = torch.zeros(owner.numel(), device=self.device)
+        layers = list(self.bank.layers.values())
+        for layer in layers:
+            if layer.down.grad is not None:
+                per_slot += layer.down.grad.flatten(1).pow(2).sum(1)
+            if layer.up.grad is not None:
+                per_slot += layer.up.grad.transpose(0, 1).flatten(1).pow(2).sum(1)
+        per_membrane = torch.zeros(self.bank.num_membranes, device=self.device).index_add_(0, owner, per_slot)
+        coef = (self.cfg.max_grad_norm / (per_membrane.sqrt() + 1e-6)).clamp(max=1.0)[owner]
+        for layer in layers:
+            if layer.down.grad is not None:
+                layer.down.grad.mul_(coef.view(-1, *[1] * (layer.down.dim() - 1)))
+            if layer.up.grad is not None:
+                layer.up.grad.mul_(coef.view(1, -1, *[1] * (layer.up.dim() - 2)))
+
+    # -- loop ------------------------------------------------------------------------------
+    def train(self) -> TrainingResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        resumed_from = self.load_checkpoint() if self.checkpoint_dir else 0
+        names = ", ".join(s.name for s in self.specs)
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not self.progress,
+                   desc=f"pack[{len(self.specs)}]", unit="it", leave=False)
+        try:
+            while self.step < cfg.iterations:
+                losses = self._train_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                    rows = self._log(losses)
+                    bar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / len(rows):.4g}")
+                if cfg.checkpoint_every and self.checkpoint_dir and (
+                        self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        membranes = [self._export(i) for i in range(len(self.specs))]
+        seconds = time.perf_counter() - start
+        logger.info("trained %d membrane(s) [%s] for %d iterations in %.1fs", len(membranes), names,
+                    cfg.iterations - resumed_from, seconds)
+        return TrainingResult(membranes, self.history, self.step, resumed_from, seconds)
+
+    def _log(self, losses: torch.Tensor) -> list[dict]:
+        values = losses.cpu().tolist()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        rows = [{"step": self.step, "concept": c.spec.name, "loss": v[0], "erase": v[1], "anchor": v[2], "lr": lr}
+                for c, v in zip(self.concepts, values)]
+        self.history += rows
+        if self.callback is not None:
+            self.callback(self.step, rows)
+        return rows
+
+    def _export(self, index: int) -> Membrane:
+        spec = self.specs[index]
+        trainer = self.cfg.to_dict()
+        return self.bank.export(
+            index, name=spec.name, concepts=(spec.target,), family=self.model.family, layout=self.layout,
+            base_fingerprint=self.fingerprint, trainer=trainer,
+            extra={"concept": json.dumps(spec.to_dict(), sort_keys=True), "iterations": str(self.step)},
+        )
+
+    def close(self) -> None:
+        """Detach the membranes: the pipeline's UNet is as it was before training."""
+        self.bank.detach()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _checkpoint_identity(self) -> dict[str, str]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "concepts": json.dumps([s.to_dict() for s in self.specs], sort_keys=True),
+            "trainer": self.cfg.fingerprint(),
+            "base_fingerprint": self.fingerprint,
+        }
+
+    def save_checkpoint(self) -> str:
+        """Membrane weights, optimizer state, step and every generator's state, written atomically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (path, layer) in enumerate(self.bank.layers.items()):
+            tensors[f"bank.{i}.down"] = layer.down.detach().cpu().contiguous()
+            tensors[f"bank.{i}.up"] = layer.up.detach().cpu().contiguous()
+        params = self.bank.parameters()
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        for k, c in enumerate(self.concepts):
+            tensors[f"rng.{k}.host"] = c.host_rng.get_state()
+            tensors[f"rng.{k}.device"] = c.rng.get_state()
+        meta = dict(self._checkpoint_identity(), step=str(self.step))
+        url = os.path.join(self.checkpoint_dir, CHECKPOINT_FILE)
+        with io.atomic_output(url) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+        logger.info("checkpoint at step %d -> %s", self.step, url)
+        return url
+
+    def load_checkpoint(self) -> int:
+        """Resume from the checkpoint in ``checkpoint_dir`` if there is one; returns its step (0 if none)."""
+        url = os.path.join(self.checkpoint_dir, CHECKPOINT_FILE)
+        if not io.exists(url):
+            return 0
+        with io.local_copy(url) as path, safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        identity = self._checkpoint_identity()
+        differs = [k for k, v in identity.items() if meta.get(k) != v]
+        if differs:
+            raise ConfigError("checkpoint", [f"{url} belongs to another run (different {', '.join(differs)})"])
+        with torch.no_grad():
+            for i, layer in enumerate(self.bank.layers.values()):
+                layer.down.copy_(tensors[f"bank.{i}.down"])
+                layer.up.copy_(tensors[f"bank.{i}.up"])
+        state = {}
+        for i, p in enumerate(self.bank.parameters()):
+            entry = {key.split(".", 2)[2]: v.to(p.device) for key, v in tensors.items()
+                     if key.startswith(f"opt.{i}.")}
+            if entry:
+                if "step" in entry:
+                    entry["step"] = entry["step"].cpu()
+                state[i] = entry
+        opt_state = self.optimizer.state_dict()
+        opt_state["state"] = state
+        self.optimizer.load_state_dict(opt_state)
+        for k, c in enumerate(self.concepts):
+            c.host_rng.set_state(tensors[f"rng.{k}.host"])
+            c.rng.set_state(tensors[f"rng.{k}.device"])
+        self.step = int(meta["step"])
+        for _ in range(self.step):
+            self.lr_scheduler.step()
+        logger.info("resumed from %s at step %d", url, self.step)
+        return self.step
+
+
+def train_membranes(pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig | None = None, *,
+                    checkpoint_dir: str | None = None, callback=None, progress: bool = True) -> TrainingResult:
+    """Train one membrane per concept as a single pack on ``pipe`` (left unchanged afterwards).
+
+    ``checkpoint_dir``: with ``trainer.checkpoint_every > 0`` the pack checkpoints there and resumes
+    from the last checkpoint when restarted. The pipeline stays on the device the caller put it on.
+    """
+    trainer = trainer or TrainerConfig()
+    pack = PackTrainer(pipe, concepts, trainer, checkpoint_dir=checkpoint_dir, callback=callback,
+                       progress=progress)
+    try:
+        return pack.train()
+    finally:
+        pack.close()

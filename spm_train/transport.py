@@ -1,0 +1,170 @@
+"""Facilitated transport: open each membrane only as far as the prompt is close to its concepts.
+
+For membrane i with erased concepts C_i and prompt p (Lyu et al. 2024):
+
+    gamma_i(p) = f * max_{c in C_i} max(cos(E(p), E(c)), |tok(p) & tok(c)| / |tok(c)|)
+
+with E the flattened text conditioning the UNet receives and special tokens left out of the token
+sets. ``apply_membranes`` equips a diffusers pipeline so that every ``pipe(...)`` call computes
+gamma per batch element and the UNet applies ``sum_i gamma_i (alpha_i / rank_i) U_i D_i``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Sequence
+
+import torch
+
+from .membrane import Membrane, MembraneBank
+from .models import ModelAdapter, special_ids
+
+logger = logging.getLogger(__name__)
+
+
+def token_overlap(prompt_ids: set[int], concept_ids: set[int]) -> float:
+    """Share of the concept's tokens that occur in the prompt."""
+    if not concept_ids:
+        return 0.0
+    return len(prompt_ids & concept_ids) / len(concept_ids)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every flattened row of ``a`` [B, ...] with every row of ``b`` [C, ...]."""
+    a = a.reshape(a.shape[0], -1).float()
+    b = b.reshape(b.shape[0], -1).float().to(a.device)
+    return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+
+
+def permeability(prompt_embeds: torch.Tensor, prompt_ids: Sequence[set[int] | None],
+                 concept_embeds: torch.Tensor, concept_ids: Sequence[set[int]], owners: Sequence[int],
+                 num_membranes: int, facilitate: float = 1.0) -> torch.Tensor:
+    """``[batch, membranes]`` permeabilities. ``owners[c]`` is the membrane that erased concept ``c``.
+
+    A prompt whose tokens are unknown (``None``) is scored by the embedding similarity alone.
+    """
+    score = cosine_matrix(prompt_embeds, concept_embeds)
+    overlap = torch.tensor(
+        [[token_overlap(ids, cids) if ids is not None else 0.0 for cids in concept_ids] for ids in prompt_ids],
+        dtype=score.dtype, device=score.device,
+    ).reshape(score.shape)
+    score = torch.maximum(score, overlap)
+    gamma = torch.zeros(score.shape[0], num_membranes, device=score.device)
+    owner = torch.as_tensor(list(owners), device=score.device)
+    gamma = gamma.scatter_reduce(1, owner.expand(score.shape[0], -1), score, reduce="amax", include_self=False)
+    return facilitate * gamma
+
+
+class MembraneHandle:
+    """Membranes equipped on a pipeline. ``remove()`` (or leaving the ``with`` block) restores it."""
+
+    def __init__(self, pipe, membranes: Sequence[Membrane], *, transport: bool = True,
+                 facilitate: float = 1.0, scales: Sequence[float] | None = None):
+        self.pipe = pipe
+        self.membranes = list(membranes)
+        self.transport = transport
+        self.facilitate = facilitate
+        self.model = ModelAdapter(pipe)
+        self.scales = torch.tensor(list(scales) if scales is not None else [1.0] * len(self.membranes))
+        if self.scales.numel() != len(self.membranes):
+            raise ValueError(f"got {self.scales.numel()} scales for {len(self.membranes)} membranes")
+        self.bank = MembraneBank.from_membranes(pipe.unet, self.membranes)
+        self.last_permeability: torch.Tensor | None = None
+        self._hooks = []
+        self._rows: deque = deque(maxlen=256)
+        self._memo = None
+        if transport:
+            self._setup_concepts()
+            self._hooks.append(pipe.text_encoder.register_forward_hook(self._record_tokens, with_kwargs=True))
+            self._hooks.append(pipe.unet.register_forward_pre_hook(self._open, with_kwargs=True))
+        else:
+            self.bank.set_permeability(self.scales.to(self.model.device).unsqueeze(0))
+            self.last_permeability = self.scales.unsqueeze(0)
+
+    def _setup_concepts(self) -> None:
+        prompts, owners = [], []
+        for i, m in enumerate(self.membranes):
+            concepts = list(m.concepts) or [m.name]
+            prompts += concepts
+            owners += [i] * len(concepts)
+        self.concept_prompts = prompts
+        self.concept_owner = owners
+        self.concept_embeds = self.model.encode(prompts).hidden.float()
+        self.concept_ids = [self.model.token_ids(p) for p in prompts]
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _record_tokens(self, module, args, kwargs, output) -> None:
+        """Remember which token ids produced which text-encoder rows, to score token overlap later."""
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            return
+        candidates = [output[0]]
+        hidden_states = getattr(output, "hidden_states", None)
+        if hidden_states is not None:
+            candidates.append(hidden_states[-2])
+        special = special_ids(self.pipe.tokenizer)
+        for r in range(input_ids.shape[0]):
+            ids = set(input_ids[r].tolist()) - special
+            self._rows.append((ids, [c[r].detach() for c in candidates]))
+
+    def _tokens_of(self, row: torch.Tensor) -> set[int] | None:
+        for ids, candidates in reversed(self._rows):
+            for cand in candidates:
+                width = cand.shape[-1]
+                if cand.shape == row[..., :width].shape and torch.equal(cand.to(row.dtype), row[..., :width]):
+                    return ids
+        return None
+
+    def _open(self, module, args, kwargs):
+        hidden = kwargs.get("encoder_hidden_states")
+        if hidden is None and len(args) > 2:
+            hidden = args[2]
+        if hidden is None:
+            self.bank.set_permeability(None)
+            return None
+        cfg_pairs = self._classifier_free_guidance() and hidden.shape[0] % 2 == 0
+        key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version, cfg_pairs)
+        if self._memo is not None and self._memo[0] == key:
+            self.bank.set_permeability(self._memo[1])
+            return None
+        ids = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
+        gamma = permeability(hidden, ids, self.concept_embeds, self.concept_ids, self.concept_owner,
+                             len(self.membranes), self.facilitate)
+        gamma = gamma * self.scales.to(gamma.device)
+        if cfg_pairs:
+            # the unconditional half of a CFG batch follows its prompt, as in the paper's sampler
+            half = hidden.shape[0] // 2
+            gamma = torch.cat([gamma[half:], gamma[half:]])
+        self.last_permeability = gamma.detach().cpu()
+        self._memo = (key, gamma)
+        self.bank.set_permeability(gamma)
+        return None
+
+    def _classifier_free_guidance(self) -> bool:
+        try:
+            return bool(self.pipe.do_classifier_free_guidance)
+        except AttributeError:
+            return False
+
+    # -- lifetime --------------------------------------------------------------------------
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.bank.detach()
+
+    def __enter__(self) -> "MembraneHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = True, facilitate: float = 1.0,
+                    scales: Sequence[float] | None = None) -> MembraneHandle:
+    """Equip ``pipe`` with ``membranes``; with ``transport`` each opens per prompt by facilitated transport.
+
+    Without transport every membrane is fully open (times its scale) for every prompt.
+    """
+    return MembraneHandle(pipe, membranes, transport=transport, facilitate=facilitate, scales=scales)
