@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -413,8 +414,10 @@ class PackTrainer:
             c.host_rng.set_state(tensors[f"rng.{k}.host"])
             c.rng.set_state(tensors[f"rng.{k}.device"])
         self.step = int(meta["step"])
-        for _ in range(self.step):
-            self.lr_scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule, the optimizer state is already restored
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.lr_scheduler.step()
         logger.info("resumed from %s at step %d", url, self.step)
         return self.step
 

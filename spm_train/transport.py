@@ -124,9 +124,9 @@ class MembraneHandle:
             self.bank.set_permeability(None)
             return None
         cfg_pairs = self._classifier_free_guidance() and hidden.shape[0] % 2 == 0
-        key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version, cfg_pairs)
-        if self._memo is not None and self._memo[0] == key:
-            self.bank.set_permeability(self._memo[1])
+        # a pipeline passes the same embedding tensor at every denoising step: score it once
+        if self._memo is not None and self._memo[0] is hidden and self._memo[1] == (hidden._version, cfg_pairs):
+            self.bank.set_permeability(self._memo[2])
             return None
         ids = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
         gamma = permeability(hidden, ids, self.concept_embeds, self.concept_ids, self.concept_owner,
@@ -137,7 +137,7 @@ class MembraneHandle:
             half = hidden.shape[0] // 2
             gamma = torch.cat([gamma[half:], gamma[half:]])
         self.last_permeability = gamma.detach().cpu()
-        self._memo = (key, gamma)
+        self._memo = (hidden, (hidden._version, cfg_pairs), gamma)
         self.bank.set_permeability(gamma)
         return None
 
@@ -152,6 +152,7 @@ class MembraneHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._memo = None
         self.bank.detach()
 
     def __enter__(self) -> "MembraneHandle":

@@ -1,0 +1,146 @@
+"""The pack trainer: the paper's losses, per-concept randomness, pack = separate runs, exact resume."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spm_train import ConceptSpec, ConfigError, MembraneLayer, TrainerConfig, train_membranes
+from spm_train.architectures import tiny_pipeline
+from spm_train.training import PackTrainer, concept_seed, sample_anchors
+
+SMOKE = TrainerConfig.preset("smoke", iterations=3, lr=1e-2)
+CAT = ConceptSpec("cat", "a photo of a cat")
+DOG = ConceptSpec("dog", "dog", surrogate="cat")
+VAN = ConceptSpec("vangogh", "painting by van gogh", action="erase")
+
+
+def _max_diff(a, b):
+    return max(max((a.weights[k][0] - b.weights[k][0]).abs().max().item(),
+                   (a.weights[k][1] - b.weights[k][1]).abs().max().item()) for k in a.weights)
+
+
+def test_a_pack_trains_each_membrane_as_separate_runs_would():
+    """Same per-concept draws -> same weights. In fp64: Adam's normalisation turns fp32 rounding in
+    near-zero gradients into visible steps, which is noise, not a difference of algorithm."""
+    pipe = tiny_pipeline("sd1").to(torch.float64)
+    cfg = SMOKE.replace(iterations=2, max_denoising_steps=3)  # down weights first move at step 2 (up starts at 0)
+    pack = train_membranes(pipe, [CAT, VAN], cfg, progress=False)
+    for membrane, spec in zip(pack.membranes, [CAT, VAN]):
+        alone = train_membranes(pipe, [spec], cfg, progress=False).membranes[0]
+        assert membrane.name == spec.name
+        assert _max_diff(membrane, alone) < 1e-9
+        moved = max(alone.weights[k][1].abs().max().item() for k in alone.weights)
+        assert moved > 1e-3  # and the membranes did train
+    by_step = {(r["concept"], r["step"]): r["loss"] for r in pack.history}
+    assert len(by_step) == 4
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path):
+    pipe = tiny_pipeline("sd1")
+    cfg = SMOKE.replace(iterations=4, checkpoint_every=2)
+    straight = train_membranes(pipe, [CAT, DOG], cfg, progress=False)
+    # a run that dies after its step-2 checkpoint ...
+    first = PackTrainer(pipe, [CAT, DOG], cfg.replace(iterations=4), checkpoint_dir=str(tmp_path), progress=False)
+    for _ in range(2):
+        first._train_step()
+        first.step += 1
+    first.save_checkpoint()
+    first.close()
+    # ... and its retry
+    resumed = train_membranes(pipe, [CAT, DOG], cfg, checkpoint_dir=str(tmp_path), progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    for a, b in zip(straight.membranes, resumed.membranes):
+        assert _max_diff(a, b) == 0.0
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    pipe = tiny_pipeline("sd1")
+    cfg = SMOKE.replace(iterations=2, checkpoint_every=1)
+    train_membranes(pipe, [CAT], cfg, checkpoint_dir=str(tmp_path), progress=False)
+    with pytest.raises(ConfigError, match="belongs to another run"):
+        train_membranes(pipe, [CAT], cfg.replace(lr=5e-3), checkpoint_dir=str(tmp_path), progress=False)
+
+
+def test_training_leaves_the_pipeline_unchanged(fresh_sd1):
+    unet = fresh_sd1.unet
+    x, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        before = unet(x, 10, encoder_hidden_states=ehs).sample
+    train_membranes(fresh_sd1, [CAT], SMOKE, progress=False)
+    assert not any(isinstance(m, MembraneLayer) for m in unet.modules())
+    with torch.no_grad():
+        assert torch.equal(unet(x, 10, encoder_hidden_states=ehs).sample, before)
+
+
+def test_first_step_losses_are_the_papers(fresh_sd1):
+    """At step 0 (up = 0) the membrane is closed in effect, so
+    L_erase = MSE(eps(target), eps(neutral) - g (eps(positive) - eps(neutral))) with eps off, and L_anchor = 0."""
+    spec = ConceptSpec("cat", "a photo of a cat", guidance_scale=2.0, surrogate="dog")
+    trainer = PackTrainer(fresh_sd1, [spec], SMOKE, progress=False)
+    captured = {}
+    predict = trainer.model.predict
+
+    def spy(latents, t, embeds, resolution=None):
+        out = predict(latents, t, embeds, resolution)
+        if torch.is_grad_enabled():
+            captured["on"] = (latents, t, embeds, out)
+        return out
+
+    trainer.model.predict = spy
+    losses = trainer._train_step()
+    trainer.close()
+    latents, t, embeds, on = captured["on"]
+    c = trainer.concepts[0]
+    with torch.no_grad():
+        pos = predict(latents[:1], t[:1], c.positive)
+        neu = predict(latents[:1], t[:1], c.neutral)
+        tgt = predict(latents[:1], t[:1], c.target)
+    expected = F.mse_loss(tgt, neu - 2.0 * (pos - neu))
+    loss, erase, anchor = losses[0].tolist()
+    assert erase == pytest.approx(expected.item(), rel=1e-5)
+    assert anchor == pytest.approx(0.0, abs=1e-12)
+    assert loss == pytest.approx(erase + SMOKE.la_strength * anchor)
+    assert on.shape[0] == 1 + SMOKE.anchors_per_step
+    # the latent sits at the 1000-step timestep matching its trajectory step
+    assert 0 <= int(t[0]) < 1000 and len(set(t.tolist())) == 1
+
+
+def test_plain_erase_uses_no_anchors(fresh_sd1):
+    result = train_membranes(fresh_sd1, [VAN], SMOKE, progress=False)
+    assert all(r["anchor"] == 0 and r["loss"] == r["erase"] for r in result.history)
+
+
+def test_anchor_sampling_follows_the_paper():
+    target = torch.randn(16, 32)
+    g = torch.Generator().manual_seed(0)
+    anchors = sample_anchors(target, 64, g, (0.8, 1.2))
+    assert anchors.shape == (64, 16, 32)
+    ratio = anchors.flatten(1).norm(dim=1) / target.norm()
+    assert ratio.min() >= 0.8 - 1e-6 and ratio.max() <= 1.2 + 1e-6
+    assert ratio.std() > 0.05  # scales are drawn, not fixed
+    cos = F.cosine_similarity(anchors.flatten(1), target.flatten().unsqueeze(0))
+    assert cos.abs().max() < 0.2  # random directions in 512 dimensions
+    again = sample_anchors(target, 64, torch.Generator().manual_seed(0), (0.8, 1.2))
+    assert torch.equal(anchors, again)
+
+
+def test_anchor_acceptance_rejects_noise_aligned_with_the_target():
+    """Acceptance probability 1 - cos: a candidate equal to the target (cos 1) is never kept."""
+    target = torch.ones(1, 4)
+    g = torch.Generator().manual_seed(0)
+    kept = sample_anchors(target, 2000, g, (1.0, 1.0), pool=4)
+    cos = F.cosine_similarity(kept.flatten(1), target.flatten().unsqueeze(0))
+    # in 4 dimensions the accepted set must be biased away from the target direction
+    assert cos.mean() < -0.05
+
+
+def test_concept_seeds_depend_on_name_and_seed_only():
+    assert concept_seed(0, "cat") == concept_seed(0, "cat")
+    assert len({concept_seed(0, "cat"), concept_seed(1, "cat"), concept_seed(0, "dog")}) == 3
+
+
+def test_bad_pack_input_is_refused(fresh_sd1):
+    with pytest.raises(ConfigError, match="concept list is empty"):
+        train_membranes(fresh_sd1, [], SMOKE, progress=False)
+    with pytest.raises(ConfigError, match="unique"):
+        train_membranes(fresh_sd1, [CAT, CAT], SMOKE, progress=False)

@@ -1,0 +1,104 @@
+"""Facilitated transport: gamma per prompt and batch element, exact composition through a real pipeline."""
+
+import pytest
+import torch
+
+from spm_train import MembraneBank, MembraneLayer, apply_membranes, permeability
+from spm_train.models import ModelAdapter
+from spm_train.transport import cosine_matrix, token_overlap
+
+
+def _membrane(pipe, name, concept, seed):
+    bank = MembraneBank.attach(pipe.unet, generators=[torch.Generator().manual_seed(seed)])
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            layer.up.copy_(torch.randn(layer.up.shape, generator=g) * 0.1)
+    membrane = bank.export(0, name=name, concepts=(concept,), family="sd1")
+    bank.detach()
+    return membrane
+
+
+def test_token_overlap_ignores_special_tokens_and_counts_the_concepts_share(sd1_pipe):
+    model = ModelAdapter(sd1_pipe)
+    concept = model.token_ids("van gogh")
+    assert len(concept) == 2
+    assert token_overlap(model.token_ids("a painting by van gogh"), concept) == 1.0
+    assert token_overlap(model.token_ids("a van"), concept) == 0.5
+    assert token_overlap(model.token_ids("a red car"), concept) == 0.0
+
+
+def test_gamma_is_one_for_the_concept_and_its_paraphrases_and_lower_for_unrelated_prompts(sd1_pipe):
+    model = ModelAdapter(sd1_pipe)
+    prompts = ["snoopy", "a photo of snoopy", "a red car", "a house"]
+    embeds = model.encode(prompts).hidden
+    concept = model.encode(["snoopy"]).hidden
+    ids = [model.token_ids(p) for p in prompts]
+    gamma = permeability(embeds, ids, concept, [model.token_ids("snoopy")], [0], 1)
+    assert gamma[0, 0] == pytest.approx(1.0, abs=1e-5)  # cos = 1
+    assert gamma[1, 0] == pytest.approx(1.0)  # every concept token present
+    cos = cosine_matrix(embeds[2:], concept)[:, 0]
+    torch.testing.assert_close(gamma[2:, 0], cos)  # unrelated: the embedding similarity alone
+    assert (gamma[2:, 0] < 1).all()
+    assert permeability(embeds, ids, concept, [model.token_ids("snoopy")], [0], 1, facilitate=0.5)[1, 0] == 0.5
+
+
+def test_gamma_takes_the_max_over_each_membranes_concepts(sd1_pipe):
+    model = ModelAdapter(sd1_pipe)
+    concepts = ["snoopy", "mickey", "van gogh"]
+    prompts = ["a photo of mickey", "painting by van gogh", "a tree"]
+    gamma = permeability(model.encode(prompts).hidden, [model.token_ids(p) for p in prompts],
+                         model.encode(concepts).hidden, [model.token_ids(c) for c in concepts], [0, 0, 1], 2)
+    assert gamma.shape == (3, 2)
+    assert gamma[0, 0] == pytest.approx(1.0)  # mickey opens membrane 0 (snoopy + mickey)
+    assert gamma[1, 1] == pytest.approx(1.0)  # van gogh opens membrane 1
+    assert gamma[0, 1] < 1 and gamma[1, 0] < 1 and (gamma[2] < 1).all()
+
+
+def test_pipeline_applies_gamma_per_batch_element_and_removal_restores_it(fresh_sd1):
+    pipe = fresh_sd1
+    m = _membrane(pipe, "snoopy", "snoopy", 1)
+    prompts = ["a photo of snoopy", "a red car"]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def generate(prompt, rows=slice(0, 2)):
+        return pipe(prompt, num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+                    latents=latents[rows]).images
+
+    base = generate(prompts)
+    with apply_membranes(pipe, [m], transport=True) as handle:
+        equipped = generate(prompts)
+        gamma = handle.last_permeability
+        # CFG batch [uncond x2, cond x2]: each uncond row follows its prompt
+        assert gamma.shape == (4, 1)
+        torch.testing.assert_close(gamma[:2], gamma[2:])
+        assert gamma[2, 0] == pytest.approx(1.0) and gamma[3, 0] < 1
+        # each element equals generating it alone with its own gamma
+        alone = [generate([p], slice(i, i + 1)) for i, p in enumerate(prompts)]
+    torch.testing.assert_close(equipped, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    assert (equipped[0] - base[0]).abs().max() > 1e-3
+    assert not any(isinstance(mod, MembraneLayer) for mod in pipe.unet.modules())
+    torch.testing.assert_close(generate(prompts), base)
+
+
+def test_two_membranes_compose_as_the_sum_of_their_deltas(fresh_sd1):
+    """UNet(both at gamma) - base == (UNet(A) - base) + (UNet(B) - base) to first order, and exactly
+    per layer; here checked on a single membrane layer output through the pipeline's UNet."""
+    pipe = fresh_sd1
+    a, b = _membrane(pipe, "snoopy", "snoopy", 1), _membrane(pipe, "mickey", "mickey", 2)
+    with apply_membranes(pipe, [a, b], transport=False, scales=[0.6, 0.3]) as handle:
+        layer = next(iter(handle.bank.layers.values()))
+        x = torch.randn(2, *layer.down.shape[1:2], 4, 4) if layer.is_conv else torch.randn(2, layer.down.shape[1])
+        both = layer(x) - layer.base_layer(x)
+        parts = []
+        for gamma in ([0.6, 0.0], [0.0, 0.3]):
+            with handle.bank.permeability(torch.tensor(gamma)):
+                parts.append(layer(x) - layer.base_layer(x))
+    torch.testing.assert_close(both, parts[0] + parts[1], rtol=1e-5, atol=1e-6)
+
+
+def test_without_transport_every_prompt_gets_the_full_membrane(fresh_sd1):
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+    with apply_membranes(fresh_sd1, [m], transport=False, scales=[0.8]) as handle:
+        fresh_sd1(["a red car", "snoopy"], num_inference_steps=2, output_type="pt")
+        assert handle.last_permeability.tolist() == [[pytest.approx(0.8)]]
