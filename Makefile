@@ -14,13 +14,15 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# DeepSpeed ships as a source package; building it against the installed torch avoids a second torch.
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation setuptools wheel 'deepspeed==0.19.8'
+	$(PY) -m pip install --quiet -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipelines.demo
+	$(PY) -m pipelines.bulk_train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

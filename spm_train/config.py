@@ -22,7 +22,7 @@ ACTIONS = (ERASE, ERASE_WITH_ANCHORING)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConceptSpec:
     """One concept to erase.
 
@@ -38,7 +38,7 @@ class ConceptSpec:
     surrogate: str | None = None
     action: str = ERASE_WITH_ANCHORING
     guidance_scale: float = 1.0
-    nontarget: tuple[str, ...] = ()
+    nontarget: list[str] = field(default_factory=list)
     trainer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -61,8 +61,8 @@ class ConceptSpec:
             problems.append(f"concept {self.name!r}: guidance_scale must be >= 0, got {self.guidance_scale!r}")
         if problems:
             raise ConfigError("concept", problems)
-        object.__setattr__(self, "nontarget", tuple(self.nontarget))
-        object.__setattr__(self, "trainer", dict(self.trainer))
+        self.nontarget = list(self.nontarget)
+        self.trainer = dict(self.trainer)
 
     @property
     def positive_prompt(self) -> str:
@@ -79,9 +79,7 @@ class ConceptSpec:
         return self.action == ERASE_WITH_ANCHORING
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["nontarget"] = list(self.nontarget)
-        return data
+        return dataclasses.asdict(self)
 
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
@@ -89,7 +87,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCOPES = ("transformer", "attention", "cross_attention")
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainerConfig:
     """Hyper-parameters of the latent-anchoring fine-tune. Defaults are the paper's preset."""
 

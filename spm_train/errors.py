@@ -9,8 +9,12 @@ class ConfigError(SPMError, ValueError):
     """A concept spec or trainer config is invalid; the message lists every problem found."""
 
     def __init__(self, what: str, problems: list[str]):
+        self.what = what
         self.problems = list(problems)
         super().__init__(f"invalid {what}: " + "; ".join(self.problems))
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return type(self), (self.what, self.problems)
 
 
 class ModelLoadError(SPMError, OSError):
@@ -27,3 +31,20 @@ class MembraneFormatError(SPMError, ValueError):
 
 class IncompatibleMembraneError(SPMError, ValueError):
     """A membrane does not fit the UNet it is being attached to."""
+
+
+class TrainingDivergedError(SPMError, RuntimeError):
+    """A concept's loss became NaN or infinite."""
+
+    def __init__(self, concepts: list[str], step: int):
+        self.concepts = list(concepts)
+        self.step = step
+        super().__init__(f"loss of {', '.join(self.concepts)} is not finite at step {step}; "
+                         "lower the learning rate or check the prompts")
+
+    def __reduce__(self):
+        return type(self), (self.concepts, self.step)
+
+
+class ClusterError(SPMError, ConnectionError):
+    """The Ray cluster could not be reached or used."""

@@ -193,3 +193,39 @@ def special_ids(tokenizer) -> set[int]:
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     ids.update(getattr(tokenizer, "all_special_ids", []) or [])
     return {i for i in ids if i is not None}
+
+
+TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_base_model(source: str, *, dtype: str = "float32", device: str | torch.device | None = None):
+    """Load a base model by source string.
+
+    - ``toyworld`` / ``toyworld:variant``: the ToyWorld pipelines shipped inside this package;
+    - ``random:sd1`` / ``random:sd2`` / ``random:sdxl``: tiny random-weight models built from config
+      (deterministic, for tests and dry runs);
+    - anything else: a local diffusers folder, or a hub id where a hub is reachable.
+    """
+    if dtype not in TORCH_DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; supported: {sorted(TORCH_DTYPES)}")
+    torch_dtype = TORCH_DTYPES[dtype]
+    if source.startswith("random:"):
+        from .architectures import tiny_pipeline
+
+        pipe = tiny_pipeline(source.split(":", 1)[1]).to(torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+    elif source in ("toyworld", "toyworld:base", "toyworld:variant"):
+        from . import toyworld
+
+        which = "variant" if source.endswith("variant") else "base"
+        try:
+            path = toyworld.variant_model_path() if which == "variant" else toyworld.base_model_path()
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from None
+        pipe = load_pipeline(str(path), torch_dtype=torch_dtype)
+    else:
+        pipe = load_pipeline(source, torch_dtype=torch_dtype)
+    if device is not None:
+        pipe.to(device)
+    return pipe

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .config import ConceptSpec, TrainerConfig
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDivergedError
 from .membrane import Membrane, MembraneBank, layout_id
 from .models import ModelAdapter, PromptEmbeds, base_fingerprint
 from .sampling import DDIMSchedule
@@ -336,6 +337,9 @@ class PackTrainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         rows = [{"step": self.step, "concept": c.spec.name, "loss": v[0], "erase": v[1], "anchor": v[2], "lr": lr}
                 for c, v in zip(self.concepts, values)]
+        diverged = [r["concept"] for r in rows if not math.isfinite(r["loss"])]
+        if diverged:
+            raise TrainingDivergedError(diverged, self.step)
         self.history += rows
         if self.callback is not None:
             self.callback(self.step, rows)

@@ -1,0 +1,252 @@
+"""The main job: a concept set -> packs on Ray -> trained membranes -> manifest and summary.
+
+    python -m pipelines.bulk_train                                  # ToyWorld, local Ray, offline W&B
+    python -m pipelines.bulk_train concepts=characters model=sd14 trainer=paper cluster=existing
+    python -m pipelines.bulk_train sweep=lr_la                      # 4 sweep points, concurrently
+
+Everything is validated before a job is scheduled; a concept whose training fails is reported in
+the summary while the others finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.schema import register
+from spm_train.bulk.plan import Job, expand, pack
+from spm_train.bulk.runner import ClusterOptions, check_reachable, connect, run_jobs
+from spm_train.bulk.store import ConceptResult, ResultStore, write_json
+from spm_train.config import ConceptSpec, TrainerConfig
+from spm_train.errors import ConfigError, SPMError
+
+logger = logging.getLogger("pipelines.bulk_train")
+
+register()
+
+
+@dataclass
+class RunPlan:
+    concepts: list[ConceptSpec]
+    trainer: TrainerConfig
+    jobs: list[Job]
+    cached: list[ConceptResult]
+    base_fingerprint: str
+    family: str
+    store: ResultStore
+    model: dict[str, Any]
+    cluster: ClusterOptions
+    sweep: dict[str, list]
+
+
+@dataclass
+class RunSummary:
+    results: list[ConceptResult]
+    run_dir: str
+    manifest: str
+    seconds: float
+    plan: RunPlan | None = field(default=None, repr=False)
+
+    @property
+    def failed(self) -> list[ConceptResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+# -- setup: every check happens here, before anything is scheduled ---------------------------
+
+
+def _setup_concepts(cfg: DictConfig) -> list[ConceptSpec]:
+    problems, specs = [], []
+    entries = cfg.concepts.concepts
+    for i, entry in enumerate(entries):
+        missing = [k for k in ("name", "target") if OmegaConf.is_missing(entry, k)]
+        if missing:
+            problems.append(f"concept #{i + 1} of set {cfg.concepts.name!r} has no {' or '.join(missing)}")
+            continue
+        try:
+            specs.append(ConceptSpec(**OmegaConf.to_container(entry, resolve=True)))
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(f"concept set {cfg.concepts.name!r}", problems)
+    return specs
+
+
+def _setup_trainer(cfg: DictConfig) -> TrainerConfig:
+    return TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def _setup_model(cfg: DictConfig) -> tuple[dict[str, Any], str, str]:
+    """Load the base once on the driver: it proves the model exists and gives its fingerprint."""
+    from spm_train.models import base_fingerprint, detect_family, load_base_model
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    pipe = load_base_model(model["source"], dtype=model["dtype"])
+    family = detect_family(pipe)
+    if model.get("family") and model["family"] != family:
+        raise ConfigError("model", [f"{model['source']!r} is a {family} model, config says {model['family']}"])
+    fingerprint = base_fingerprint(pipe.unet)
+    del pipe
+    return model, family, fingerprint
+
+
+def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
+    data = OmegaConf.to_container(cfg.cluster, resolve=True)
+    pack_size = data.pop("pack_size")
+    problems = []
+    if pack_size < 1:
+        problems.append(f"pack_size must be >= 1, got {pack_size}")
+    if data["gpus_per_job"] < 0 or data["cpus_per_job"] < 0:
+        problems.append("cpus_per_job and gpus_per_job must be >= 0")
+    if data["max_retries"] < 0:
+        problems.append(f"max_retries must be >= 0, got {data['max_retries']}")
+    if problems:
+        raise ConfigError("cluster config", problems)
+    options = ClusterOptions(**data)
+    check_reachable(options)
+    return options, pack_size
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Validate the whole config and plan the jobs; raises one ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    concepts, trainer = [], None
+    for step in (_setup_concepts, _setup_trainer):
+        try:
+            value = step(cfg)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        if step is _setup_concepts:
+            concepts = value
+        else:
+            trainer = value
+    try:
+        cluster, pack_size = _setup_cluster(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError("bulk run", problems)
+    
+    model, family, fingerprint = _setup_model(cfg)
+    sweep = {k: list(v) for k, v in OmegaConf.to_container(cfg.sweep, resolve=True).items()}
+    tasks = expand(concepts, trainer, sweep, fingerprint)
+    store = ResultStore(cfg.paths.store)
+    cached, todo = [], []
+    for task in tasks:
+        if store.has(task.key):
+            hit = store.get(task.key)
+            hit.status, hit.point, hit.point_id = "cached", task.point, task.point_id
+            cached.append(hit)
+        else:
+            todo.append(task)
+    return RunPlan(concepts, trainer, pack(todo, pack_size), cached, fingerprint, family, store, model,
+                   cluster, sweep)
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig, *, run_dir: str | None = None,
+          task_options: Callable[[Job], dict] | None = None) -> RunSummary:
+    """Plan, schedule, gather, summarise. ``task_options`` adds Ray options per job (tests pin nodes)."""
+    start = time.perf_counter()
+    plan = plan_run(cfg)
+    run_dir = run_dir or cfg.paths.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    n_tasks = sum(len(j.tasks) for j in plan.jobs)
+    logger.info("%d concept(s) x %d sweep point(s): %d to train in %d pack(s), %d already trained",
+                len(plan.concepts), max(1, len(_points(plan.sweep))), n_tasks, len(plan.jobs), len(plan.cached))
+    results = list(plan.cached)
+    if plan.jobs:
+        connect(plan.cluster)
+        results += run_jobs(plan.jobs, plan.model, plan.store, plan.cluster, progress=cfg.progress,
+                            task_options=task_options)
+    results.sort(key=lambda r: (r.point_id, r.concept))
+    manifest = write_json(os.path.join(run_dir, "manifest.json"), {
+        "concept_set": cfg.concepts.name,
+        "model": plan.model, "family": plan.family, "base_fingerprint": plan.base_fingerprint,
+        "trainer": plan.trainer.to_dict(), "sweep": plan.sweep,
+        "results": [r.to_dict(with_history=False) for r in results],
+    })
+    summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan)
+    _write_summary(summary)
+    return summary
+
+
+def _points(sweep: dict) -> list:
+    from spm_train.bulk.plan import sweep_points
+
+    return sweep_points(sweep)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _short(path: str | None) -> str:
+    if not path:
+        return "-"
+    if "://" in path:
+        return path
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("../..") else path
+
+
+def summary_rows(summary: RunSummary) -> list[list[str]]:
+    rows = []
+    for r in summary.results:
+        rows.append([r.concept, r.point_id, r.status, _fmt(r.loss), _fmt(r.erase), _fmt(r.anchor),
+                     r.error if r.error else _short(r.membrane), f"{r.seconds:.1f}s"])
+    return rows
+
+
+HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "membrane / error", "wall"]
+
+
+def _write_summary(summary: RunSummary) -> None:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(summary)]
+    path = os.path.join(summary.run_dir, "summary.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def print_summary(summary: RunSummary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bulk run: {len(summary.results)} result(s), {len(summary.failed)} failed, "
+                        f"{summary.seconds:.0f}s")
+    for name in HEADER:
+        table.add_column(name, overflow="fold")
+    styles = {"failed": "red", "cached": "dim", "trained": "green"}
+    for r, row in zip(summary.results, summary_rows(summary)):
+        table.add_row(*row, style=styles.get(r.status))
+    console = Console()
+    console.print(table)
+    console.print(f"manifest: {summary.manifest}")
+    console.print(f"report:   {os.path.join(summary.run_dir, 'summary.md')}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = train(cfg)
+    except SPMError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
+    print_summary(summary)
+    if summary.failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

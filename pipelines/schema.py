@@ -1,0 +1,108 @@
+"""Typed schema of the Hydra config tree in ``conf/``: a wrong key or type fails at composition.
+
+The trainer and concept nodes reuse the library's own dataclasses, so the YAML and the Python API
+accept exactly the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from spm_train.config import ConceptSpec, TrainerConfig
+
+
+@dataclass
+class ModelConfig:
+    # "toyworld", "toyworld:variant", "random:sd1|sd2|sdxl", a local diffusers folder, or a hub id
+    source: str = "toyworld"
+    dtype: str = "float32"
+    # when set, the loaded model must be of this family (sd1, sd2, sdxl)
+    family: Optional[str] = None
+
+
+@dataclass
+class ConceptSetConfig:
+    name: str = MISSING
+    description: str = ""
+    concepts: List[ConceptSpec] = MISSING
+
+
+@dataclass
+class ClusterConfig:
+    # null: start a local Ray instance in-process; "auto", "host:6379" or "ray://host:10001" to join one
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    cpus_per_job: float = 1.0
+    gpus_per_job: float = 0.0
+    pack_size: int = 4
+    max_retries: int = 3
+    connect_timeout_s: float = 10.0
+    runtime_env: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "wandb"  # wandb | disabled
+    mode: str = "offline"  # offline | online
+    project: str = "spm-membranes"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RegistryConfig:
+    enabled: bool = True
+    uri: str = "${paths.root}/registry"
+    blobs: str = "${paths.root}/registry/blobs"
+    # validation gates, overridable per concept set
+    min_erasure: float = 0.0
+    max_preservation_drop: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = False
+    kind: str = "toyworld"  # toyworld | clip | none
+    samples_per_prompt: int = 8
+    steps: int = 20
+    guidance_scale: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:SPM_HOME,runs}"
+    store: str = "${paths.root}/store"
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class BulkTrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concepts: ConceptSetConfig = field(default_factory=ConceptSetConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # trainer field -> values; the cartesian product runs concurrently as one bulk run
+    sweep: Dict[str, List[Any]] = field(default_factory=dict)
+    progress: bool = True
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="bulk_train_schema", node=BulkTrainConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="concepts", name="schema", node=ConceptSetConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="cluster", name="schema", node=ClusterConfig)
+    cs.store(group="tracking", name="schema", node=TrackingConfig)
+    cs.store(group="registry", name="schema", node=RegistryConfig)
+    cs.store(group="eval", name="schema", node=EvalConfig)
