@@ -15,7 +15,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
 	# DeepSpeed ships as a source package; building it against the installed torch avoids a second torch.
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation setuptools wheel 'deepspeed==0.19.8'
+	$(PY) -m pip install --quiet setuptools wheel
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed==0.19.8'
 	$(PY) -m pip install --quiet -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
