@@ -39,6 +39,8 @@ class ClusterConfig:
     num_gpus: Optional[int] = None
     cpus_per_job: float = 1.0
     gpus_per_job: float = 0.0
+    # > 1: each pack runs data-parallel on this many Ray Train workers, each with the resources above
+    workers_per_job: int = 1
     pack_size: int = 4
     max_retries: int = 3
     connect_timeout_s: float = 10.0

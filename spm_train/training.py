@@ -153,8 +153,15 @@ class PackTrainer:
                          else contextlib.nullcontext())
 
     def _setup_bank(self) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.worker_rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         seeds = [concept_seed(self.cfg.seed, s.name) for s in self.specs]
+        # every rank starts from the same membrane; each rank then draws its own trajectories and anchors
         init_rngs = [torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds]
+        if self.world_size > 1:
+            seeds = [concept_seed(self.cfg.seed, f"{s.name}#rank{self.worker_rank}") for s in self.specs]
         dtype = self.compute_dtype
         self.bank = MembraneBank.attach(self.unet, count=len(self.specs), rank=self.cfg.rank,
                                         alpha=self.cfg.alpha, scope=self.cfg.scope, generators=init_rngs,
@@ -278,11 +285,30 @@ class PackTrainer:
             total = total + loss
             losses.append(torch.stack([loss.detach(), erase.detach(), anchor.detach()]))
         total.backward()
+        self._average_gradients()
         self._clip_per_membrane()
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses)
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """Data parallelism: average the membranes' gradients over ranks (one all-reduce per step)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        params = self.bank.parameters()
+        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                          for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
 
     @torch.no_grad()
     def _clip_per_membrane(self) -> None:
@@ -333,6 +359,12 @@ class PackTrainer:
         return TrainingResult(membranes, self.history, self.step, resumed_from, seconds)
 
     def _log(self, losses: torch.Tensor) -> list[dict]:
+        if self.world_size > 1:  # every rank sees (and acts on) the same averaged losses
+            import torch.distributed as dist
+
+            losses = losses.clone()
+            dist.all_reduce(losses)
+            losses /= self.world_size
         values = losses.cpu().tolist()
         lr = self.lr_scheduler.get_last_lr()[0]
         rows = [{"step": self.step, "concept": c.spec.name, "loss": v[0], "erase": v[1], "anchor": v[2], "lr": lr}
@@ -377,15 +409,28 @@ class PackTrainer:
         for i, p in enumerate(params):
             for key, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        for k, c in enumerate(self.concepts):
-            tensors[f"rng.{k}.host"] = c.host_rng.get_state()
-            tensors[f"rng.{k}.device"] = c.rng.get_state()
-        meta = dict(self._checkpoint_identity(), step=str(self.step))
+        for rank, states in enumerate(self._gather_rng_states()):
+            for k, (host, device) in enumerate(states):
+                tensors[f"rng.{k}.host{_rank_suffix(rank)}"] = host
+                tensors[f"rng.{k}.device{_rank_suffix(rank)}"] = device
+        if self.worker_rank != 0:
+            return ""
+        meta = dict(self._checkpoint_identity(), step=str(self.step), world_size=str(self.world_size))
         url = os.path.join(self.checkpoint_dir, CHECKPOINT_FILE)
         with io.atomic_output(url) as tmp:
             save_file(tensors, tmp, metadata=meta)
         logger.info("checkpoint at step %d -> %s", self.step, url)
         return url
+
+    def _gather_rng_states(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        mine = [(c.host_rng.get_state(), c.rng.get_state()) for c in self.concepts]
+        if self.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     def load_checkpoint(self) -> int:
         """Resume from the checkpoint in ``checkpoint_dir`` if there is one; returns its step (0 if none)."""
@@ -414,9 +459,13 @@ class PackTrainer:
         opt_state = self.optimizer.state_dict()
         opt_state["state"] = state
         self.optimizer.load_state_dict(opt_state)
+        if int(meta.get("world_size", 1)) != self.world_size:
+            raise ConfigError("checkpoint", [f"{url} was written by {meta.get('world_size', 1)} worker(s), "
+                                             f"this run has {self.world_size}"])
+        suffix = _rank_suffix(self.worker_rank)
         for k, c in enumerate(self.concepts):
-            c.host_rng.set_state(tensors[f"rng.{k}.host"])
-            c.rng.set_state(tensors[f"rng.{k}.device"])
+            c.host_rng.set_state(tensors[f"rng.{k}.host{suffix}"])
+            c.rng.set_state(tensors[f"rng.{k}.device{suffix}"])
         self.step = int(meta["step"])
         with warnings.catch_warnings():  # replaying the schedule, the optimizer state is already restored
             warnings.simplefilter("ignore", UserWarning)
@@ -424,6 +473,10 @@ class PackTrainer:
                 self.lr_scheduler.step()
         logger.info("resumed from %s at step %d", url, self.step)
         return self.step
+
+
+def _rank_suffix(rank: int) -> str:
+    return "" if rank == 0 else f".rank{rank}"
 
 
 def train_membranes(pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig | None = None, *,

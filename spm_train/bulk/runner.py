@@ -35,6 +35,7 @@ class ClusterOptions:
     num_gpus: int | None = None
     cpus_per_job: float = 1.0
     gpus_per_job: float = 0.0
+    workers_per_job: int = 1
     max_retries: int = 3
     connect_timeout_s: float = 10.0
     runtime_env: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +119,8 @@ def train_pack(job: Job, model: dict, store_root: str, board=None) -> list[dict]
         result = trainer.train()
     finally:
         trainer.close()
+    if trainer.worker_rank != 0:  # data-parallel workers hold the same membranes; rank 0 stores them
+        return []
     seconds = time.perf_counter() - start
     last = result.final_losses()
     rows = []
@@ -196,14 +199,23 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
     from ray.exceptions import RayTaskError
 
     board = _progress_board()
-    remote = ray.remote(train_pack)
+    if options.workers_per_job > 1:
+        from .distributed import train_pack_data_parallel
+
+        # the task only drives a Ray Train worker group, which holds the resources
+        remote = ray.remote(train_pack_data_parallel)
+        resources = dict(num_cpus=0, num_gpus=0)
+        extra = (options.workers_per_job, options.cpus_per_job, options.gpus_per_job)
+    else:
+        remote = ray.remote(train_pack)
+        resources = dict(num_cpus=options.cpus_per_job, num_gpus=options.gpus_per_job)
+        extra = ()
 
     def submit(job: Job):
-        opts = dict(num_cpus=options.cpus_per_job, num_gpus=options.gpus_per_job,
-                    max_retries=options.max_retries, retry_exceptions=False)
+        opts = dict(resources, max_retries=options.max_retries, retry_exceptions=False)
         if task_options is not None:
             opts.update(task_options(job))
-        return remote.options(name=f"pack-{job.job_id[:8]}", **opts).remote(job, model, store.root, board)
+        return remote.options(name=f"pack-{job.job_id[:8]}", **opts).remote(job, model, store.root, board, *extra)
 
     pending = {submit(job): job for job in jobs}
     results: list[ConceptResult] = []

@@ -1,0 +1,39 @@
+"""One pack over several workers: Ray Train's TorchTrainer, data-parallel over trajectories and anchors.
+
+Each worker draws its own trajectories and anchors (its rank is folded into the concepts' seeds),
+the membranes' gradients are averaged with one all-reduce per step, so every worker holds the same
+membranes; rank 0 writes checkpoints and results to the shared store. On CPU the process group uses
+gloo, on GPUs NCCL (Ray Train picks the backend and sets the device of each worker).
+"""
+
+from __future__ import annotations
+
+from .plan import Job
+from .store import ResultStore
+
+
+def _worker_loop(config: dict) -> None:
+    from .runner import train_pack
+
+    train_pack(config["job"], config["model"], config["store_root"], config.get("board"))
+
+
+def train_pack_data_parallel(job: Job, model: dict, store_root: str, board=None, num_workers: int = 2,
+                             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> list[dict]:
+    """Train ``job`` on ``num_workers`` Ray Train workers; returns the stored results like ``train_pack``."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    store = ResultStore(store_root)
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": job, "model": model, "store_root": store_root, "board": board},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(gpus_per_worker),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"pack-{job.job_id}", storage_path=f"{store.root}/ray_train"),
+    )
+    trainer.fit()
+    return [store.get(t.key).to_dict() for t in job.tasks]
