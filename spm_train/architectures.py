@@ -127,3 +127,43 @@ def tiny_pipeline(family: str = "sd1", seed: int = 0, max_length: int = 16):
                                          text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok, unet=unet,
                                          scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
     raise ValueError(f"unknown family {family!r}; supported: sd1, sd2, sdxl")
+
+
+FULL_TEXT = {  # (hidden width, layers, heads, activation) of the published text encoders
+    "sd15": [(768, 12, 12, "quick_gelu")],
+    "sd21": [(1024, 23, 16, "gelu")],
+    "sdxl": [(768, 12, 12, "quick_gelu"), (1280, 32, 20, "gelu")],
+}
+
+
+def full_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A full-size pipeline of a published architecture with random weights, for benchmarks.
+
+    UNet and text encoders have the published shapes (77 positions); the vocabulary is this project's
+    small word list and the VAE a small stand-in with the same 8x down-sampling (training never decodes).
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = _tokenizer(77)
+    encoders = []
+    for i, (width, layers, heads, act) in enumerate(FULL_TEXT[name]):
+        config = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width,
+                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                                hidden_act=act, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, projection_dim=width)
+        with torch.device(device):
+            cls = CLIPTextModelWithProjection if (name == "sdxl" and i == 1) else CLIPTextModel
+            encoders.append(cls(config).to(dtype).eval())
+    with torch.device(device):
+        vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4, norm_num_groups=8,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = vae.to(dtype)
+    unet = full_unet(name, device=device, dtype=dtype)
+    if name == "sdxl":
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tok,
+                                         tokenizer_2=tok, unet=unet, scheduler=_scheduler())
+    prediction = "v_prediction" if name == "sd21" else "epsilon"
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tok, unet=unet,
+                                   scheduler=_scheduler(prediction), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

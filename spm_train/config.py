@@ -109,6 +109,9 @@ class TrainerConfig:
     scope: str = "transformer"
     max_grad_norm: float = 1.0
     precision: str = "fp32"
+    # membrane-on samples per forward/backward (0: all at once); bounds activation memory of large packs
+    micro_batch: int = 0
+    compile: bool = False
     resolution: int | None = None
     seed: int = 0
     checkpoint_every: int = 0
@@ -127,10 +130,10 @@ class TrainerConfig:
         for name in ("iterations", "lr", "batch_size", "rank", "alpha", "max_denoising_steps", "log_every"):
             positive(name)
         for name in ("weight_decay", "lr_warmup_steps", "la_strength", "anchors_per_step",
-                     "max_grad_norm", "checkpoint_every", "trajectory_guidance"):
+                     "max_grad_norm", "checkpoint_every", "trajectory_guidance", "micro_batch"):
             positive(name, allow_zero=True)
         for name in ("iterations", "batch_size", "rank", "max_denoising_steps", "anchors_per_step",
-                     "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed"):
+                     "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed", "micro_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 problems.append(f"{name} must be an integer, got {value!r}")
@@ -171,10 +174,10 @@ class TrainerConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of every field that changes the trained weights (logging cadence left out)."""
+        """Hash of every field that changes the trained weights (cadence and memory/speed knobs left out)."""
         data = self.to_dict()
-        data.pop("log_every")
-        data.pop("checkpoint_every")
+        for key in ("log_every", "checkpoint_every", "micro_batch", "compile"):
+            data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -136,6 +136,7 @@ class ModelAdapter:
         if self.family not in FAMILIES:
             raise UnsupportedModelError(f"family {self.family!r} is not one of {list(FAMILIES)}")
         self.unet = pipe.unet
+        self.call_unet = pipe.unet  # replaced by a compiled callable when asked for
         self.vae_scale_factor = getattr(pipe, "vae_scale_factor", 8)
 
     @property
@@ -185,8 +186,8 @@ class ModelAdapter:
                 "time_ids": time_ids.expand(latents.shape[0], -1),
             }
         dtype = self.unet.dtype
-        return self.unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.hidden.to(dtype),
-                         return_dict=False, **kwargs)[0]
+        return self.call_unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.hidden.to(dtype),
+                              return_dict=False, **kwargs)[0]
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -205,15 +206,18 @@ def load_base_model(source: str, *, dtype: str = "float32", device: str | torch.
     - ``toyworld`` / ``toyworld:variant``: the ToyWorld pipelines shipped inside this package;
     - ``random:sd1`` / ``random:sd2`` / ``random:sdxl``: tiny random-weight models built from config
       (deterministic, for tests and dry runs);
+    - ``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl``: full-size published architectures with random
+      weights (benchmarks: compute cost does not depend on weight values);
     - anything else: a local diffusers folder, or a hub id where a hub is reachable.
     """
     if dtype not in TORCH_DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; supported: {sorted(TORCH_DTYPES)}")
     torch_dtype = TORCH_DTYPES[dtype]
-    if source.startswith("random:"):
-        from .architectures import tiny_pipeline
+    if source.startswith(("random:", "arch:")):
+        from .architectures import full_pipeline, tiny_pipeline
 
-        pipe = tiny_pipeline(source.split(":", 1)[1]).to(torch_dtype)
+        kind, name = source.split(":", 1)
+        pipe = full_pipeline(name, dtype=torch_dtype) if kind == "arch" else tiny_pipeline(name).to(torch_dtype)
         pipe.set_progress_bar_config(disable=True)
     elif source in ("toyworld", "toyworld:base", "toyworld:variant"):
         from . import toyworld

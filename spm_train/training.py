@@ -151,6 +151,8 @@ class PackTrainer:
         dtype = _DTYPES[self.cfg.precision]
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                          else contextlib.nullcontext())
+        if self.cfg.compile:
+            self.model.call_unet = torch.compile(self.unet, dynamic=True)
 
     def _setup_bank(self) -> None:
         import torch.distributed as dist
@@ -264,33 +266,51 @@ class PackTrainer:
             with self.autocast:
                 off = self.model.predict(torch.cat(off_x), torch.cat(off_t).to(dev),
                                          PromptEmbeds.cat(off_embeds), self.resolution).to(self.compute_dtype)
-        self.bank.route(torch.cat(on_owner))
-        with self.autocast:
-            on = self.model.predict(torch.cat(on_x), torch.cat(on_t).to(dev),
-                                    PromptEmbeds.cat(on_embeds), self.resolution).to(self.compute_dtype)
-        self.bank.set_permeability(None)
-
-        losses, total = [], 0.0
-        off_i = on_i = 0
+        # goals and weights of every membrane-on sample: sum_i w_i |eps_on_i - goal_i|^2 is the pack's loss
+        goals, weights, kinds = [], [], []
+        off_i = 0
+        numel = off[0].numel()
         for c in self.concepts:
             na = c.num_anchors
-            pos, neu, off_anchor = off[off_i:off_i + B], off[off_i + B:off_i + 2 * B], off[off_i + 2 * B:off_i + 2 * B + na]
-            on_target, on_anchor = on[on_i:on_i + B], on[on_i + B:on_i + B + na]
-            off_i += 2 * B + na
-            on_i += B + na
+            pos, neu = off[off_i:off_i + B], off[off_i + B:off_i + 2 * B]
             g = c.spec.guidance_scale
-            erase = F.mse_loss(on_target, neu - g * (pos - neu))
-            anchor = F.mse_loss(on_anchor, off_anchor) if na else torch.zeros((), device=dev)
-            loss = erase + cfg.la_strength * anchor
-            total = total + loss
-            losses.append(torch.stack([loss.detach(), erase.detach(), anchor.detach()]))
-        total.backward()
+            goals += [neu - g * (pos - neu), off[off_i + 2 * B:off_i + 2 * B + na]]
+            weights += [1.0 / (B * numel)] * B + [cfg.la_strength / (max(na, 1) * numel)] * na
+            kinds += [0] * B + [1] * na
+            off_i += 2 * B + na
+        goal = torch.cat(goals)
+        weight = torch.tensor(weights, device=dev, dtype=self.compute_dtype)
+        owner = torch.cat(on_owner)
+        x_on, t_on, e_on = torch.cat(on_x), torch.cat(on_t).to(dev), PromptEmbeds.cat(on_embeds)
+        n = x_on.shape[0]
+        chunk = cfg.micro_batch or n
+        sq = torch.zeros(n, device=dev, dtype=self.compute_dtype)
+        for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
+            hi = min(lo + chunk, n)
+            self.bank.route(owner[lo:hi])
+            with self.autocast:
+                on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
+                                        self.resolution).to(self.compute_dtype)
+            err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
+            (err * weight[lo:hi]).sum().backward()
+            sq[lo:hi] = err.detach()
+        self.bank.set_permeability(None)
+
+        # per-concept [loss, erase, anchor], without leaving the device
+        kind = torch.tensor(kinds, device=dev)
+        index = owner.to(dev) * 2 + kind
+        parts = torch.zeros(2 * len(self.concepts), device=dev, dtype=self.compute_dtype)
+        parts.index_add_(0, index, sq * weight)
+        parts = parts.view(-1, 2)
+        anchor = parts[:, 1] / torch.tensor([cfg.la_strength if c.num_anchors else 1.0 for c in self.concepts],
+                                            device=dev, dtype=self.compute_dtype)
+        losses = torch.stack([parts.sum(1), parts[:, 0], anchor], dim=1)
         self._average_gradients()
         self._clip_per_membrane()
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack(losses)
+        return losses
 
     @torch.no_grad()
     def _average_gradients(self) -> None:

@@ -35,6 +35,15 @@ def test_a_pack_trains_each_membrane_as_separate_runs_would():
     assert len(by_step) == 4
 
 
+def test_micro_batches_give_the_same_weights():
+    pipe = tiny_pipeline("sd1").to(torch.float64)
+    cfg = SMOKE.replace(iterations=2, max_denoising_steps=2)
+    whole = train_membranes(pipe, [CAT], cfg, progress=False)
+    chunked = train_membranes(pipe, [CAT], cfg.replace(micro_batch=2), progress=False)
+    assert _max_diff(whole.membranes[0], chunked.membranes[0]) < 1e-9
+    assert [r["loss"] for r in whole.history] == pytest.approx([r["loss"] for r in chunked.history], rel=1e-9)
+
+
 def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path):
     pipe = tiny_pipeline("sd1")
     cfg = SMOKE.replace(iterations=4, checkpoint_every=2)
