@@ -193,8 +193,12 @@ class _Bars:
 
 
 def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: ClusterOptions, *,
-             progress: bool = True, task_options: Callable[[Job], dict] | None = None) -> list[ConceptResult]:
-    """Submit every job, then gather results as they finish. Never raises for a failing concept."""
+             progress: bool = True, task_options: Callable[[Job], dict] | None = None,
+             train_fn: Callable[..., list[dict]] | None = None) -> list[ConceptResult]:
+    """Submit every job, then gather results as they finish. Never raises for a failing concept.
+
+    ``train_fn`` replaces the pack trainer (the orchestration benchmark uses a no-op).
+    """
     import ray
     from ray.exceptions import RayTaskError
 
@@ -207,7 +211,7 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
         resources = dict(num_cpus=0, num_gpus=0)
         extra = (options.workers_per_job, options.cpus_per_job, options.gpus_per_job)
     else:
-        remote = ray.remote(train_pack)
+        remote = ray.remote(train_fn or train_pack)
         resources = dict(num_cpus=options.cpus_per_job, num_gpus=options.gpus_per_job)
         extra = ()
 

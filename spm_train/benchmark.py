@@ -1,0 +1,133 @@
+"""Measure training throughput: the paper's loop against packed training, in one process.
+
+Every figure is measured on the machine at hand: seconds per iteration (mean over timed iterations
+after warm-up), concepts per hour at the trainer's iteration count, peak accelerator memory, and
+effective TFLOP/s from ``torch.utils.flop_counter`` over the same draws as the timed iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .config import ConceptSpec, TrainerConfig
+from .reference import PaperLoop
+from .training import PackTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Measurement:
+    name: str
+    pack_size: int
+    precision: str
+    seconds_per_iteration: float
+    seconds_per_concept_iteration: float
+    concepts_per_hour: float
+    peak_memory_gb: float | None
+    tflops: float | None
+    flops_per_iteration: float | None
+    speedup: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generators(obj) -> list[torch.Generator]:
+    if isinstance(obj, PaperLoop):
+        return [obj.host_rng, obj.rng]
+    return [g for c in obj.concepts for g in (c.host_rng, c.rng)]
+
+
+def _measure(step: Callable[[], object], runner, device: torch.device, iterations: int, warmup: int,
+             count_flops: bool) -> tuple[float, float | None, float | None]:
+    for _ in range(warmup):
+        step()
+    states = [g.get_state() for g in _generators(runner)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / iterations
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    flops = None
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for g, s in zip(_generators(runner), states):  # the same draws as the timed iterations
+            g.set_state(s)
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(iterations):
+                step()
+        flops = counter.get_total_flops() / iterations
+    return seconds, peak, flops
+
+
+def _concepts(k: int) -> list[ConceptSpec]:
+    return [ConceptSpec(f"concept-{i}", f"a photo of concept {i}") for i in range(k)]
+
+
+def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8), *, iterations: int = 5,
+                  warmup: int = 1, baseline: bool = True, fast_precision: str | None = None,
+                  micro_batch: int = 0, count_flops: bool = True) -> list[Measurement]:
+    """Time the paper's loop (K = 1, fp32) and the packed fast path at each K, on ``pipe``'s device."""
+    device = pipe.unet.device
+    fast_precision = fast_precision or ("bf16" if device.type == "cuda" else "fp32")
+    rows: list[Measurement] = []
+
+    def record(name, k, precision, seconds, peak, flops):
+        per_concept = seconds / k
+        rows.append(Measurement(
+            name=name, pack_size=k, precision=precision, seconds_per_iteration=seconds,
+            seconds_per_concept_iteration=per_concept,
+            concepts_per_hour=3600.0 / (per_concept * trainer.iterations),
+            peak_memory_gb=peak, tflops=(flops / seconds / 1e12) if flops else None, flops_per_iteration=flops,
+        ))
+        logger.info("%s K=%d %s: %.4fs/it, %.4fs per concept-iteration", name, k, precision, seconds, per_concept)
+
+    if baseline:
+        loop = PaperLoop(pipe, _concepts(1)[0], trainer.replace(precision="fp32"))
+        try:
+            record("paper loop", 1, "fp32", *_measure(loop.step, loop, device, iterations, warmup, count_flops))
+        finally:
+            loop.close()
+    for k in packs:
+        pack = PackTrainer(pipe, _concepts(k), trainer.replace(precision=fast_precision, micro_batch=micro_batch),
+                           progress=False)
+        try:
+            record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
+                                                          count_flops))
+        finally:
+            pack.close()
+    if baseline:
+        base = rows[0].concepts_per_hour
+        for row in rows:
+            row.speedup = row.concepts_per_hour / base
+    return rows
+
+
+def format_table(rows: Sequence[Measurement]) -> str:
+    header = ("path", "K", "precision", "s/iter", "s/concept-iter", "concepts/h", "peak GB", "TFLOP/s", "vs paper")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        lines.append(" | ".join([
+            r.name, str(r.pack_size), r.precision, f"{r.seconds_per_iteration:.4f}",
+            f"{r.seconds_per_concept_iteration:.4f}", f"{r.concepts_per_hour:.2f}",
+            "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}",
+            "-" if r.tflops is None else f"{r.tflops:.2f}",
+            "-" if r.speedup is None else f"{r.speedup:.2f}x",
+        ]))
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""The benchmark is a tool, not a test: here it only has to run on a tiny model and report sane figures."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.bulk.conftest import CONF
+
+
+def _cfg(tmp_path, *overrides):
+    import pipelines.benchmark  # noqa: F401 - registers the schema
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("benchmark", overrides=[f"out={tmp_path}/bench.json", *overrides])
+
+
+def test_training_benchmark_reports_both_paths(tmp_path):
+    from pipelines.benchmark import main
+
+    cfg = _cfg(tmp_path, "model.source=random:sd1", "packs=[1,2]", "iterations=2", "warmup=0",
+               "trainer.max_denoising_steps=4")
+    main.__wrapped__(cfg)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["rows"]
+    assert [(r["name"], r["pack_size"]) for r in rows] == [("paper loop", 1), ("packed", 1), ("packed", 2)]
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["seconds_per_iteration"] > 0 and r["flops_per_iteration"] > 0
+        assert r["concepts_per_hour"] == pytest.approx(3600 / (r["seconds_per_concept_iteration"] * 3000))
+    # the paper loop spends more FLOPs per concept-iteration (CFG halves of guidance-1 predictions)
+    assert rows[0]["flops_per_iteration"] > rows[1]["flops_per_iteration"]
+
+
+def test_orchestration_benchmark_collects_every_job(tmp_path):
+    from pipelines.benchmark import main
+
+    main.__wrapped__(_cfg(tmp_path, "mode=orchestration", "jobs=20"))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["jobs"] == 20 and report["succeeded"] == 20
