@@ -39,6 +39,8 @@ class ConceptSpec:
     action: str = ERASE_WITH_ANCHORING
     guidance_scale: float = 1.0
     nontarget: list[str] = field(default_factory=list)
+    # prompts that show the concept, for measuring erasure (default: the target prompt)
+    probes: list[str] = field(default_factory=list)
     trainer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -62,6 +64,7 @@ class ConceptSpec:
         if problems:
             raise ConfigError("concept", problems)
         self.nontarget = list(self.nontarget)
+        self.probes = list(self.probes)
         self.trainer = dict(self.trainer)
 
     @property

@@ -20,7 +20,8 @@ def result_key(concept: ConceptSpec, trainer: TrainerConfig, base_fingerprint: s
     """Identity of a trained membrane: same concept, trainer and base model -> same result."""
     spec = concept.to_dict()
     spec.pop("trainer")  # already folded into ``trainer``
-    spec.pop("nontarget")  # validation prompts do not change the weights
+    spec.pop("nontarget")  # evaluation prompts do not change the weights
+    spec.pop("probes")
     return _hash({"concept": spec, "trainer": trainer.fingerprint(), "base": base_fingerprint})
 
 

@@ -1,0 +1,82 @@
+"""The evaluation suite's arithmetic on tiny random models: same seeds, exact baselines, CLIP scoring."""
+
+import pytest
+import torch
+
+from spm_train import ConceptSpec, MembraneBank
+from spm_train.architectures import tiny_pipeline
+from spm_train.evaluate import ClipScorer, EvalSettings, evaluate_concept, generate
+
+SETTINGS = EvalSettings(samples_per_prompt=2, steps=2, guidance_scale=3.0, batch_size=3)
+SNOOPY = ConceptSpec("snoopy", "snoopy", probes=["snoopy", "a photo of snoopy"], nontarget=["a red car", "a house"])
+
+
+@pytest.fixture(scope="module")
+def clip():
+    import tempfile
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from spm_train.architectures import TINY_WORDS
+    from spm_train.toyworld.tokenizer import build_word_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_word_tokenizer(TINY_WORDS, tmp)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    return ClipScorer(model=CLIPModel(config), tokenizer=tok)
+
+
+def _membrane(pipe, scale):
+    bank = MembraneBank.attach(pipe.unet, generators=[torch.Generator().manual_seed(0)])
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            layer.up.normal_(0, scale, generator=torch.Generator().manual_seed(1)) if scale else layer.up.zero_()
+    membrane = bank.export(0, name="snoopy", concepts=("snoopy",), family="sd1")
+    bank.detach()
+    return membrane
+
+
+def test_an_image_depends_on_its_prompt_and_seed_not_on_its_batch():
+    pipe = tiny_pipeline("sd1")
+    together, flat = generate(pipe, ["snoopy", "a house"], SETTINGS)
+    alone, _ = generate(pipe, ["a house"], SETTINGS)
+    assert flat == ["snoopy", "snoopy", "a house", "a house"]
+    torch.testing.assert_close(together[2:], alone, rtol=1e-4, atol=1e-4)
+    assert together.min() >= 0 and together.max() <= 1
+
+
+def test_a_closed_membrane_changes_nothing_and_an_open_one_does(clip):
+    pipe = tiny_pipeline("sd1")
+    cache = {}
+    idle = evaluate_concept(pipe, SNOOPY, [_membrane(pipe, 0.0)], clip, SETTINGS, baseline=cache)
+    assert idle.target_pixel_mse == 0 and idle.nontarget_pixel_mse == 0
+    assert idle.target_after == idle.target_before and idle.preservation_drop == 0
+    assert idle.erasure_rate == pytest.approx(1 - idle.target_before)
+    assert idle.gamma_target == pytest.approx(1.0)  # every probe names snoopy
+    assert idle.gamma_nontarget < 1
+    strong = evaluate_concept(pipe, SNOOPY, [_membrane(pipe, 0.5)], clip, SETTINGS, baseline=cache)
+    assert strong.target_pixel_mse > 1e-4
+    # facilitated transport: non-target prompts open the membrane less, so they change less
+    assert strong.nontarget_pixel_mse < strong.target_pixel_mse
+    off = evaluate_concept(pipe, SNOOPY, [_membrane(pipe, 0.5)], clip,
+                           EvalSettings(**{**SETTINGS.__dict__, "transport": False}), baseline=cache)
+    assert off.gamma_nontarget == pytest.approx(1.0)
+    assert off.nontarget_pixel_mse > strong.nontarget_pixel_mse
+
+
+def test_clip_scores_are_cosines_and_accuracies_are_shares(clip):
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    score = clip.clip_score(images, ["snoopy"] * 4)
+    assert score.shape == (4,) and (score >= 0).all() and (score <= 100).all()
+    acc = clip.prompt_accuracy(images, ["snoopy", "a house", "snoopy", "a house"])
+    assert set(acc.tolist()) <= {0.0, 1.0}
+    present = clip.concept_present(images, SNOOPY)
+    assert present.dtype == torch.bool and present.shape == (4,)
