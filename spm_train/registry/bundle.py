@@ -1,0 +1,162 @@
+"""Export registry versions as a self-contained bundle, import one back, and write model cards.
+
+Bundle layout::
+
+    manifest.json                     format, versions with hashes, metrics, validation, lineage, aliases
+    <concept>/v<N>/membrane.safetensors
+    <concept>/v<N>/README.md          a Hugging Face style model card (YAML front matter)
+    <concept>/v<N>/grid.png           the before/after grid, when the version records one
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Iterable
+
+from .blobs import sha256_file
+from .core import LATEST, Registry, RegistryError, Version, copy_verified
+from .validate import ValidationReport
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "spm-membrane-bundle"
+BUNDLE_VERSION = 1
+
+
+def model_card(version: Version, image: str | None = None) -> str:
+    """A model card for one version: YAML front matter (``library_name``, ``tags``, ``base_model`` ...)
+    then what it erases, how it validated, where it came from and how to use it."""
+    meta, lineage, validation = version.metadata, version.lineage, version.validation
+    concepts = _json_list(meta.get("concepts"))
+    base = lineage.get("base_model") or meta.get("family", "unknown")
+    front = [
+        "---",
+        "library_name: diffusers",
+        f"base_model: {json.dumps(str(base))}",
+        "pipeline_tag: text-to-image",
+        "tags:",
+        *[f"- {t}" for t in ("stable-diffusion", "lora", "concept-erasure", "spm", "membrane",
+                             f"family-{meta.get('family', 'unknown')}")],
+        f"model_name: {json.dumps(f'spm-membrane-{version.concept}-v{version.version}')}",
+        "spm:",
+        f"  concept: {json.dumps(version.concept)}",
+        f"  version: {version.version}",
+        f"  sha256: {version.sha256}",
+        f"  validation: {version.status}",
+        "---",
+        "",
+    ]
+    rows = [("version", f"{version.ref}"), ("aliases", ", ".join(version.aliases) or "-"),
+            ("erases", ", ".join(concepts) or version.concept), ("family", meta.get("family", "?")),
+            ("rank / alpha", f"{meta.get('rank', '?')} / {meta.get('alpha', '?')}"),
+            ("base fingerprint", meta.get("base_fingerprint", "?")), ("sha256", version.sha256),
+            ("validation", version.status)]
+    body = [f"# SPM membrane: {version.concept} (v{version.version})", "",
+            "A concept-erasing membrane (SPM, Lyu et al., CVPR 2024): a rank-"
+            f"{meta.get('rank', '1')} adapter on the UNet's transformer blocks. Plugged in with facilitated "
+            "transport it removes the concept below and leaves other prompts as they were.", "",
+            "| field | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    body += ["## Validation", ""]
+    body += [f"- structural: {validation.get('structural', '?')}",
+             f"- behavioural: {validation.get('behavioural', '?')}"]
+    body += [f"- {r}" for r in validation.get("reasons", [])]
+    if version.metrics:
+        body += ["", "| metric | value |", "|---|---|"]
+        body += [f"| {k} | {v:.4g} |" for k, v in sorted(version.metrics.items()) if isinstance(v, (int, float))]
+    body += ["", "## Lineage", "", "```json", json.dumps(lineage, indent=1, sort_keys=True, default=str), "```", ""]
+    if image:
+        body += ["## Before / after", "", f"![original | with membrane]({image})", ""]
+    body += ["## Use", "", "```python",
+             "from spm_train import apply_membranes, load_membrane",
+             "membrane = load_membrane(\"membrane.safetensors\")",
+             "with apply_membranes(pipe, [membrane]):  # facilitated transport on by default",
+             "    image = pipe(\"a photo of ...\").images[0]",
+             "```", "",
+             f"From a registry: `python -m pipelines.generate membranes=[{version.concept}@"
+             f"{'production' if 'production' in version.aliases else 'latest'}] prompt=...`", ""]
+    return "\n".join(front + body)
+
+
+def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None = None) -> str:
+    """Write the versions ``refs`` (default: every version) to ``directory``; returns the manifest path.
+
+    Every blob is verified first: a tampered blob stops the export naming its version and both hashes.
+    """
+    versions = [registry.resolve(r) for r in refs] if refs else registry.versions()
+    os.makedirs(directory, exist_ok=True)
+    entries = []
+    for v in versions:
+        sub = os.path.join(directory, v.concept, f"v{v.version}")
+        os.makedirs(sub, exist_ok=True)
+        copy_verified(registry, v, os.path.join(sub, "membrane.safetensors"))
+        image = v.lineage.get("image")
+        card_image = None
+        if image and os.path.exists(image):
+            shutil.copyfile(image, os.path.join(sub, "grid.png"))
+            card_image = "grid.png"
+        with open(os.path.join(sub, "README.md"), "w") as fh:
+            fh.write(model_card(v, card_image))
+        entry = v.to_dict()
+        entry["file"] = os.path.relpath(os.path.join(sub, "membrane.safetensors"), directory)
+        entry["card"] = os.path.relpath(os.path.join(sub, "README.md"), directory)
+        entries.append(entry)
+    manifest = os.path.join(directory, "manifest.json")
+    with open(manifest, "w") as fh:
+        json.dump({"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "source": registry.root,
+                   "versions": entries}, fh, indent=1, sort_keys=True, default=str)
+    logger.info("exported %d version(s) to %s", len(entries), directory)
+    return manifest
+
+
+def import_bundle(registry: Registry, directory: str) -> list[Version]:
+    """Register every version of a bundle after checking each file against the manifest's sha256.
+
+    Versions are numbered by the receiving registry (same bytes -> the existing version); aliases other
+    than ``latest`` come along, and ``production`` only where the version passed validation.
+    """
+    path = os.path.join(directory, "manifest.json")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise RegistryError(f"{directory} is not a bundle (no manifest.json)") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise RegistryError(f"{path}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    entries = manifest.get("versions", [])
+    problems = []
+    for e in entries:  # check everything before importing anything
+        file = os.path.join(directory, e["file"])
+        if not os.path.exists(file):
+            problems.append(f"{e['concept']}:v{e['version']}: {e['file']} is missing")
+        elif (actual := sha256_file(file)) != e["sha256"]:
+            problems.append(f"{e['concept']}:v{e['version']}: {e['file']} has sha256 {actual}, "
+                            f"manifest records {e['sha256']}")
+    if problems:
+        raise RegistryError("refusing to import: " + "; ".join(problems))
+    imported = []
+    for e in sorted(entries, key=lambda e: (e["concept"], e["version"])):
+        lineage = {**e.get("lineage", {}), "imported_from": f"{manifest.get('source', directory)} "
+                                                           f"{e['concept']}:v{e['version']}"}
+        v = registry.register(os.path.join(directory, e["file"]), concept=e["concept"],
+                              validation=ValidationReport.from_dict(e["validation"]) if e.get("validation") else None,
+                              lineage=lineage, metrics=e.get("metrics"))
+        for alias in e.get("aliases", []):
+            if alias == LATEST or (alias == "production" and v.status != "passed"):
+                continue
+            v = registry.promote(v.ref, alias, reason=f"imported from {directory}")
+        imported.append(v)
+    return imported
+
+
+def _json_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    try:
+        return [str(x) for x in json.loads(value)]
+    except (TypeError, ValueError):
+        return [str(value)]

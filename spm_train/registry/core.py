@@ -1,0 +1,370 @@
+"""The membrane registry: immutable, content-addressed versions per concept, with aliases and lineage.
+
+    reg = Registry.open("runs/registry")
+    v = reg.register("snoopy.safetensors", concept="snoopy", validation=report, lineage={...})
+    reg.promote("snoopy:v1", "production")
+    membrane = reg.load("snoopy@production")      # re-hashes the blob before using it
+
+A version is ``concept:vN``. Its blob lives in a :class:`BlobStore` under its sha256; the index (SQLite)
+maps versions and aliases to hashes. ``latest`` follows the newest version automatically; every other
+alias is set by ``promote`` and names one version of a concept at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import SPMError
+from ..membrane import Membrane, load_membrane
+from .blobs import BlobStore, sha256_bytes, sha256_file
+from .faults import pause_point
+from .index import Index, log_event
+from .validate import FAILED, PASSED, ValidationReport
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+PROTECTED_ALIASES = ("production",)  # need a version that passed validation (or force)
+_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+class RegistryError(SPMError):
+    """A registry operation was refused or the registry is inconsistent; the message says which and why."""
+
+
+class IntegrityError(RegistryError):
+    """A blob's content no longer matches the hash the registry recorded for it."""
+
+    def __init__(self, concept: str, version: int, expected: str, actual: str, where: str):
+        self.concept, self.version, self.expected, self.actual = concept, version, expected, actual
+        super().__init__(f"{concept}:v{version}: blob {where} has sha256 {actual}, registry recorded {expected}; "
+                         "refusing to use it")
+
+    def __reduce__(self):
+        return type(self), (self.concept, self.version, self.expected, self.actual, "")
+
+
+@dataclass
+class Version:
+    """One registered membrane: what it is, where it came from, how it validated."""
+
+    concept: str
+    version: int
+    sha256: str
+    size: int
+    created: float
+    status: str
+    validation: dict[str, Any]
+    lineage: dict[str, Any]
+    metrics: dict[str, float]
+    metadata: dict[str, str]
+    aliases: list[str] = field(default_factory=list)
+    new: bool = False  # registered by this call (False: the same bytes were already there)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.concept}:v{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concept": self.concept, "version": self.version, "ref": self.ref, "sha256": self.sha256,
+                "size": self.size, "created": self.created, "status": self.status, "aliases": self.aliases,
+                "validation": self.validation, "lineage": self.lineage, "metrics": self.metrics,
+                "metadata": self.metadata}
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    """``snoopy`` / ``snoopy:v3`` / ``snoopy:3`` / ``snoopy@production`` -> (concept, version, alias)."""
+    if "@" in ref:
+        concept, _, alias = ref.rpartition("@")
+        if not concept or not alias:
+            raise RegistryError(f"bad reference {ref!r}; use CONCEPT, CONCEPT:vN or CONCEPT@ALIAS")
+        return concept, None, alias
+    if ":" in ref:
+        concept, _, tail = ref.rpartition(":")
+        m = _VERSION_RE.match(tail) or re.match(r"^(\d+)$", tail)
+        if not concept or not m:
+            raise RegistryError(f"bad reference {ref!r}; use CONCEPT, CONCEPT:vN or CONCEPT@ALIAS")
+        return concept, int(m.group(1)), None
+    if not ref:
+        raise RegistryError("empty reference")
+    return ref, None, LATEST
+
+
+class Registry:
+    INDEX_NAME = "index.sqlite"
+
+    def __init__(self, index: Index, blobs: BlobStore, root: str):
+        self.index = index
+        self.blobs = blobs
+        self.root = root
+
+    @classmethod
+    def open(cls, root: str, blobs: str | None = None, create: bool = True) -> "Registry":
+        """Open (or create) the registry at ``root`` (a local folder: the index is SQLite).
+
+        ``blobs`` is any fsspec URL; it is recorded at creation and must agree afterwards.
+        """
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        path = os.path.join(root, cls.INDEX_NAME)
+        if not create and not os.path.exists(path):
+            raise RegistryError(f"no registry at {root} (no {cls.INDEX_NAME}); register a membrane first")
+        index = Index(path)
+        stored = index.set_meta_default("blobs", str(blobs or os.path.join(root, "blobs")))
+        if blobs and str(blobs) != stored:
+            logger.warning("registry %s keeps its blobs at %s (asked for %s); using %s", root, stored, blobs, stored)
+        return cls(index, BlobStore(stored), root)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------------
+    def _version(self, row: dict[str, Any] | None) -> Version | None:
+        if row is None:
+            return None
+        aliases = [a["alias"] for a in self.index.aliases(row["concept"]) if a["version"] == row["version"]]
+        return Version(aliases=aliases, **row)
+
+    def versions(self, concept: str | None = None) -> list[Version]:
+        aliases: dict[tuple[str, int], list[str]] = {}
+        for a in self.index.aliases(concept):
+            aliases.setdefault((a["concept"], a["version"]), []).append(a["alias"])
+        return [Version(aliases=aliases.get((r["concept"], r["version"]), []), **r)
+                for r in self.index.versions(concept)]
+
+    def concepts(self) -> list[str]:
+        return sorted({v["concept"] for v in self.index.versions()})
+
+    def resolve(self, ref: str) -> Version:
+        concept, version, alias = parse_ref(ref)
+        if alias is not None:
+            version = self.index.alias(concept, alias)
+            if version is None:
+                known = self.concepts()
+                if concept not in known:
+                    raise RegistryError(f"no concept {concept!r} in the registry at {self.root}"
+                                        + (f" (known: {', '.join(known[:10])})" if known else ""))
+                have = ", ".join(a["alias"] for a in self.index.aliases(concept)) or "none"
+                raise RegistryError(f"{concept} has no alias {alias!r} (aliases: {have})")
+        found = self._version(self.index.version(concept, version))
+        if found is None:
+            raise RegistryError(f"no version {concept}:v{version} in the registry at {self.root}")
+        return found
+
+    def read_verified(self, version: Version) -> bytes:
+        """The blob's bytes, after checking they hash to what the index recorded."""
+        try:
+            data = self.blobs.read(version.sha256)
+        except FileNotFoundError:
+            raise RegistryError(f"{version.ref}: blob {self.blobs.url_of(version.sha256)} is missing") from None
+        actual = sha256_bytes(data)
+        if actual != version.sha256:
+            raise IntegrityError(version.concept, version.version, version.sha256, actual,
+                                 self.blobs.url_of(version.sha256))
+        return data
+
+    def load(self, ref: str | Version) -> Membrane:
+        """The membrane of ``ref``, verified against its recorded sha256."""
+        version = ref if isinstance(ref, Version) else self.resolve(ref)
+        data = self.read_verified(version)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{version.concept}-v{version.version}.safetensors")
+            with open(path, "wb") as fh:
+                fh.write(data)
+            membrane = load_membrane(path)
+        membrane.extra.setdefault("registry_ref", version.ref)
+        return membrane
+
+    # -- writing --------------------------------------------------------------------------------
+    def register(self, source: str | bytes, *, concept: str, validation: ValidationReport | Mapping | None = None,
+                 lineage: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
+                 aliases: tuple[str, ...] = ()) -> Version:
+        """Add the membrane file ``source`` as the next version of ``concept``.
+
+        Idempotent: bytes already registered for ``concept`` return their existing version (``new`` False)
+        and nothing is written. Extra ``aliases`` are set on a new version (``production`` only if it passed).
+        """
+        data = source if isinstance(source, bytes) else _read(source)
+        report = validation if isinstance(validation, ValidationReport) else \
+            ValidationReport.from_dict(validation) if validation else ValidationReport(
+                structural="not_evaluated", reasons=["not validated before registration"])
+        metadata = _header_metadata(data)
+        sha = sha256_bytes(data)
+        existing = self._by_hash(concept, sha)
+        if existing is not None:
+            return existing
+        staged = self.blobs.stage(data)
+        try:
+            with self.index.write() as conn:
+                row = conn.execute("SELECT version FROM versions WHERE concept = ? AND sha256 = ?",
+                                   (concept, sha)).fetchone()
+                if row is not None:  # registered by another writer since we looked
+                    self.blobs.discard(staged)
+                    return self.resolve(f"{concept}:v{row['version']}")
+                number = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE concept = ?",
+                                      (concept,)).fetchone()[0]
+                now = time.time()
+                status = report.status if report.structural in (PASSED, FAILED) else "not_validated"
+                conn.execute(
+                    "INSERT INTO versions (concept, version, sha256, size, created, status, validation, lineage, "
+                    "metrics, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (concept, number, sha, len(data), now, status, _json(report.to_dict()),
+                     _json(dict(lineage or {})), _json({**report.metrics, **dict(metrics or {})}), _json(metadata)))
+                conn.execute("INSERT INTO aliases (concept, alias, version, updated) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (concept, alias) DO UPDATE SET version = excluded.version, "
+                             "updated = excluded.updated, forced = 0", (concept, LATEST, number, now))
+                log_event(conn, concept, number, "register", sha256=sha, status=status, reasons=report.reasons)
+                for alias in aliases:
+                    self._set_alias(conn, concept, number, status, alias, force=False, note="set at registration")
+                self.blobs.commit(staged)  # the blob is in place before the row becomes visible
+                pause_point("before-index-commit")
+        except BaseException:
+            self.blobs.discard(staged)
+            raise
+        version = self.resolve(f"{concept}:v{number}")
+        version.new = True
+        logger.info("registered %s (%s, sha256 %s)", version.ref, version.status, sha[:12])
+        return version
+
+    def find(self, concept: str, sha256: str) -> Version | None:
+        """The version of ``concept`` holding exactly these bytes, if any."""
+        return self._by_hash(concept, sha256)
+
+    def _by_hash(self, concept: str, sha: str) -> Version | None:
+        row = self.index.conn.execute("SELECT version FROM versions WHERE concept = ? AND sha256 = ?",
+                                      (concept, sha)).fetchone()
+        return None if row is None else self.resolve(f"{concept}:v{row['version']}")
+
+    def promote(self, ref: str, alias: str, *, force: bool = False, reason: str = "") -> Version:
+        """Point ``alias`` of the version's concept at it (moving it off any other version).
+
+        ``production`` is refused for a version that did not pass validation unless ``force``; a forced
+        promotion is marked on the alias and written to the event log with ``reason``.
+        """
+        version = self.resolve(ref)
+        with self.index.write() as conn:
+            self._set_alias(conn, version.concept, version.version, version.status, alias, force, reason)
+        logger.info("%s -> %s@%s%s", version.ref, version.concept, alias, " (forced)" if force else "")
+        return self.resolve(f"{version.concept}:v{version.version}")
+
+    def _set_alias(self, conn, concept: str, number: int, status: str, alias: str, force: bool, note: str) -> None:
+        if alias == LATEST:
+            raise RegistryError(f"'{LATEST}' follows the newest version automatically and cannot be set")
+        if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
+            raise RegistryError(f"bad alias {alias!r}: letters, digits, _ . - (and not of the form vN)")
+        forced = False
+        if alias in PROTECTED_ALIASES and status != PASSED:
+            if not force:
+                reasons = "; ".join(self.index.version(concept, number)["validation"].get("reasons", [])) or status
+                raise RegistryError(f"refusing to promote {concept}:v{number} to {alias}: validation {status} "
+                                    f"({reasons}); pass --force to override (recorded)")
+            forced = True
+        previous = conn.execute("SELECT version FROM aliases WHERE concept = ? AND alias = ?",
+                                (concept, alias)).fetchone()
+        conn.execute("INSERT INTO aliases (concept, alias, version, updated, forced) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (concept, alias) DO UPDATE SET version = excluded.version, "
+                     "updated = excluded.updated, forced = excluded.forced",
+                     (concept, alias, number, time.time(), int(forced)))
+        log_event(conn, concept, number, "promote", alias=alias, forced=forced, status=status, note=note,
+                  previous=None if previous is None else previous["version"], user=_user())
+
+    # -- maintenance ----------------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Re-hash every version's blob and check the index; returns the problems (empty: all sound)."""
+        problems = list(self.index.integrity_check())
+        for v in self.versions():
+            if not self.blobs.exists(v.sha256):
+                problems.append(f"{v.ref}: blob {self.blobs.url_of(v.sha256)} is missing")
+                continue
+            actual = self.blobs.hash_of(v.sha256)
+            if actual != v.sha256:
+                problems.append(f"{v.ref}: blob {self.blobs.url_of(v.sha256)} has sha256 {actual}, "
+                                f"registry recorded {v.sha256}")
+        by_concept: dict[str, list[int]] = {}
+        for v in self.versions():
+            by_concept.setdefault(v.concept, []).append(v.version)
+        for concept, numbers in by_concept.items():
+            if sorted(numbers) != list(range(1, len(numbers) + 1)):
+                problems.append(f"{concept}: versions are not v1..v{len(numbers)}: {sorted(numbers)}")
+            if self.index.alias(concept, LATEST) != max(numbers):
+                problems.append(f"{concept}: 'latest' is not v{max(numbers)}")
+        return problems
+
+    def gc(self, dry_run: bool = False, temporaries_older_than_s: float = 3600.0) -> list[str]:
+        """Remove blobs no version points to (and writers' stale temporary files); returns what went."""
+        removed = []
+        # under the write lock: no registration is between renaming its blob and committing its row
+        with self.index.write():
+            referenced = {v.sha256 for v in self.versions()}
+            for sha in self.blobs.list():
+                if sha not in referenced:
+                    removed.append(self.blobs.url_of(sha))
+                    if not dry_run:
+                        self.blobs.delete(sha)
+            for path in self.blobs.stale_temporaries(temporaries_older_than_s):
+                removed.append(path)
+                if not dry_run:
+                    self.blobs.remove_path(path)
+        for path in removed:
+            logger.info("gc: %s %s", "would remove" if dry_run else "removed", path)
+        return removed
+
+
+def _read(url: str) -> bytes:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The JSON metadata of a safetensors file's header ({} if there is none or it is unreadable)."""
+    import json
+    import struct
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        return dict(header.get("__metadata__", {}))
+    except Exception:
+        return {}
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _user() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:
+        return os.environ.get("USER", "")
+
+
+def copy_verified(registry: Registry, version: Version, dest: str) -> str:
+    """Write ``version``'s blob to ``dest`` after verifying its hash."""
+    data = registry.read_verified(version)
+    with open(dest, "wb") as fh:
+        fh.write(data)
+    return dest
+
+
+__all__ = ["Registry", "RegistryError", "IntegrityError", "Version", "parse_ref", "LATEST", "copy_verified",
+           "sha256_file"]

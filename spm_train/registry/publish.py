@@ -1,0 +1,149 @@
+"""The bulk job's last stage: validate every trained (or cached) membrane, register it, log the run.
+
+Plain function over plain values (no Hydra): ``pipelines.bulk_train`` passes its config sections as
+dicts. Bytes already in the registry are not validated or registered again: the existing version
+is reported (``new`` False).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..tracking import NullTracker, open_tracker
+from .blobs import sha256_file
+from .core import Registry, Version
+from .validate import Gates, load_evaluator, validate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Publication:
+    registry: str | None = None
+    wandb_run_id: str | None = None
+    wandb_run_dir: str | None = None
+    versions: dict[str, Version] = field(default_factory=dict)  # result key -> version
+
+    @property
+    def new(self) -> list[Version]:
+        return [v for v in self.versions.values() if v.new]
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"registry": self.registry, "wandb_run_id": self.wandb_run_id, "wandb_run_dir": self.wandb_run_dir,
+                "versions": {k: {"ref": v.ref, "sha256": v.sha256, "status": v.status, "new": v.new,
+                                 "aliases": v.aliases} for k, v in self.versions.items()}}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``git describe`` of the checkout this package runs from, else the installed package version."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"git:{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return f"spm-train=={version('spm-train')}"
+    except Exception:
+        return "unknown"
+
+
+def publish_results(results: Sequence, *, concepts: Sequence, trainer, model: Mapping[str, Any], family: str,
+                    base_fingerprint: str, registry: Mapping[str, Any], tracking: Mapping[str, Any], root: str,
+                    run_config: Mapping[str, Any] | None = None, run_dir: str | None = None,
+                    run_name: str | None = None) -> Publication:
+    """Log ``results`` (``ConceptResult``s) to the tracker and register their membranes."""
+    publication = Publication()
+    with open_tracker(tracking, root=root, config=run_config, name=run_name) as tracker:
+        publication.wandb_run_id, publication.wandb_run_dir = tracker.run_id, tracker.run_dir
+        for r in results:
+            tracker.log_history(f"{r.concept}/{r.point_id}" if r.point else r.concept, r.history)
+        if registry.get("enabled", True):
+            publication.registry = str(registry["uri"])
+            with Registry.open(registry["uri"], registry.get("blobs")) as reg:
+                _register_all(reg, results, concepts, trainer, model, family, base_fingerprint, registry,
+                              tracker, run_dir, publication)
+        tracker.log_table("results", ["concept", "point", "status", "loss", "version", "validation"], [
+            [r.concept, r.point_id, r.status, r.loss,
+             publication.versions[r.key].ref if r.key in publication.versions else None,
+             publication.versions[r.key].status if r.key in publication.versions else None] for r in results])
+    return publication
+
+
+def _register_all(reg: Registry, results, concepts, trainer, model, family, fingerprint, cfg, tracker: NullTracker,
+                  run_dir, publication: Publication) -> None:
+    specs = {c.name: c for c in concepts}
+    evaluator = load_evaluator(cfg.get("evaluator"))
+    base = _LazyBase(model)
+    candidate = cfg.get("candidate_alias")
+    for r in results:
+        if r.status == "failed" or not r.membrane:
+            continue
+        sha = sha256_file(r.membrane)
+        version = reg.find(r.concept, sha)
+        if version is None:
+            gates = Gates.for_concept(r.concept, cfg.get("min_erasure", 0.0), cfg.get("max_preservation_drop", 1.0),
+                                      cfg.get("gates"))
+            pipe = base.pipe
+            membrane, report = validate(r.membrane, unet=pipe.unet, family=family, base_fingerprint=fingerprint,
+                                        evaluator=evaluator, pipe=pipe, concept_spec=specs.get(r.concept),
+                                        gates=gates)
+            trainer_dict = membrane.trainer if membrane is not None else {}
+            lineage = {
+                "base_model": model.get("source"), "base_fingerprint": fingerprint, "family": family,
+                "config_hash": r.key, "trainer_fingerprint": _trainer_fingerprint(trainer, r.point),
+                "code_version": code_version(), "seed": trainer_dict.get("seed", getattr(trainer, "seed", None)),
+                "sweep_point": dict(r.point), "sweep_point_id": r.point_id, "wandb_run_id": tracker.run_id,
+                "wandb_project": None if tracker.run_id is None else getattr(tracker.run, "project", None),
+                "run_dir": run_dir, "result_key": r.key, "job_id": r.job_id, "node": r.node,
+                "trained_seconds": r.seconds, "source_file": r.membrane,
+            }
+            metrics = {k: v for k, v in (("loss", r.loss), ("erase", r.erase), ("anchor", r.anchor)) if v is not None}
+            aliases = (candidate,) if candidate and report.status != "failed" else ()
+            version = reg.register(r.membrane, concept=r.concept, validation=report, lineage=lineage,
+                                   metrics=metrics, aliases=aliases)
+            if report.metrics:
+                r.metrics.update(report.metrics)
+        else:
+            logger.info("%s already registered as %s", r.membrane, version.ref)
+        publication.versions[r.key] = version
+        tracker.log_metrics({**version.metrics, "validation_passed": float(version.status == "passed")},
+                            prefix=f"eval/{r.concept}/{r.point_id}")
+        tracker.log_membrane(version, reg.blobs.url_of(version.sha256))
+    base.close()
+
+
+def _trainer_fingerprint(trainer, point: Mapping[str, Any]) -> str | None:
+    try:
+        return trainer.replace(**dict(point)).fingerprint() if point else trainer.fingerprint()
+    except Exception:
+        return None
+
+
+class _LazyBase:
+    """The base pipeline, loaded on first use only (cached re-runs need none)."""
+
+    def __init__(self, model: Mapping[str, Any]):
+        self.model = model
+        self._pipe = None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            from ..models import load_base_model
+
+            self._pipe = load_base_model(self.model["source"], dtype=self.model.get("dtype", "float32"))
+        return self._pipe
+
+    def close(self) -> None:
+        self._pipe = None

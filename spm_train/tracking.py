@@ -1,0 +1,147 @@
+"""Experiment tracking for bulk runs: W&B (offline by default) or nothing.
+
+    with open_tracker({"backend": "wandb", "mode": "offline"}, root="runs", config=run_config) as tracker:
+        tracker.log_history("snoopy", result.history)
+        tracker.log_membrane(version, blob_path)
+
+``open_tracker`` always finishes the run, with a non-zero exit code when the block raised, so no run
+is left "running". ``backend: disabled`` gives a :class:`NullTracker` whose methods do nothing.
+Offline runs are written under ``<root>/wandb``; ``wandb sync <run dir>`` uploads them later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+LOSS_KEYS = ("loss", "erase", "anchor", "lr")
+
+
+class NullTracker:
+    """Tracking turned off: same interface, no effect."""
+
+    enabled = False
+    run_id: str | None = None
+    run_dir: str | None = None
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        pass
+
+    def log_history(self, concept: str, history: Sequence[Mapping[str, Any]], prefix: str = "") -> int:
+        return 0
+
+    def log_metrics(self, metrics: Mapping[str, float], prefix: str = "") -> None:
+        pass
+
+    def log_membrane(self, version, path: str) -> None:
+        pass
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        pass
+
+
+class WandbTracker(NullTracker):
+    """One W&B run. Loss curves go to ``train/<concept>/<key>`` against ``train/<concept>/step``."""
+
+    enabled = True
+
+    def __init__(self, run, registry_collection: str | None = None):
+        self.run = run
+        self.run_id = run.id
+        self.run_dir = os.path.dirname(run.dir)  # .../wandb/offline-run-<time>-<id>
+        self.registry_collection = registry_collection
+        self.offline = bool(getattr(run.settings, "_offline", False)) or run.settings.mode == "offline"
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self.run.config.update(dict(config), allow_val_change=True)
+
+    def log_history(self, concept: str, history: Sequence[Mapping[str, Any]], prefix: str = "train") -> int:
+        step_key = f"{prefix}/{concept}/step"
+        self.run.define_metric(step_key, hidden=True)
+        self.run.define_metric(f"{prefix}/{concept}/*", step_metric=step_key)
+        n = 0
+        for row in history:
+            values = {f"{prefix}/{concept}/{k}": float(row[k]) for k in LOSS_KEYS
+                      if isinstance(row.get(k), (int, float)) and math.isfinite(float(row[k]))}
+            if not values:
+                continue
+            values[step_key] = int(row.get("step", n))
+            self.run.log(values)
+            n += 1
+        return n
+
+    def log_metrics(self, metrics: Mapping[str, float], prefix: str = "") -> None:
+        """Final numbers go to the run summary (one value each), not to the step history."""
+        for key, value in metrics.items():
+            name = f"{prefix}/{key}" if prefix else key
+            if isinstance(value, (int, float)):
+                self.run.summary[name] = value
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def log_membrane(self, version, path: str) -> None:
+        """A W&B Artifact of type ``membrane`` per registry version, with its metadata and aliases.
+
+        The blob is referenced (``policy="immutable"``: registry blobs never change), not copied.
+        """
+        import wandb
+
+        artifact = wandb.Artifact(
+            name=f"membrane-{_artifact_safe(version.concept)}", type="membrane",
+            description=f"SPM membrane erasing {version.concept} (registry {version.ref})",
+            metadata={"registry_ref": version.ref, "concept": version.concept, "version": version.version,
+                      "sha256": version.sha256, "status": version.status, "metrics": version.metrics,
+                      "lineage": version.lineage, "header": version.metadata},
+        )
+        artifact.add_file(path, name="membrane.safetensors", policy="immutable")
+        aliases = sorted({f"registry-v{version.version}", *version.aliases})
+        logged = self.run.log_artifact(artifact, aliases=aliases)
+        if self.registry_collection and not self.offline:
+            try:
+                self.run.link_artifact(logged, self.registry_collection, aliases=list(version.aliases))
+            except Exception as exc:  # linking is a convenience; the artifact itself is logged
+                logger.warning("could not link %s to %s: %s", version.ref, self.registry_collection, exc)
+
+
+def _artifact_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+@contextlib.contextmanager
+def open_tracker(tracking: Mapping[str, Any], *, root: str, config: Mapping[str, Any] | None = None,
+                 name: str | None = None, job_type: str = "bulk_train") -> Iterator[NullTracker]:
+    """A tracker for ``tracking`` (the ``TrackingConfig`` as a dict); the run always finishes."""
+    backend = tracking.get("backend", "disabled")
+    if backend in ("disabled", "none", None):
+        yield NullTracker()
+        return
+    if backend != "wandb":
+        raise ValueError(f"unknown tracking backend {backend!r}; supported: wandb, disabled")
+    mode = tracking.get("mode", "offline")
+    if mode not in ("offline", "online"):
+        raise ValueError(f"unknown W&B mode {mode!r}; supported: offline, online")
+    import wandb
+
+    directory = os.path.abspath(str(tracking.get("dir") or root))
+    os.makedirs(directory, exist_ok=True)
+    run = wandb.init(project=tracking.get("project", "spm-membranes"), entity=tracking.get("entity"),
+                     tags=list(tracking.get("tags") or []), config=dict(config or {}), name=name,
+                     job_type=job_type, dir=directory, mode=mode, reinit="create_new",
+                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    tracker = WandbTracker(run, tracking.get("registry_collection"))
+    logger.info("W&B run %s (%s) writing to %s", run.id, mode, tracker.run_dir)
+    try:
+        yield tracker
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    else:
+        run.finish()
