@@ -48,7 +48,7 @@ def load_pipeline(which: str = "base", device="cpu", dtype=None):
     paths = {"base": base_model_path, "variant": variant_model_path}
     if which not in paths:
         raise ValueError(f"which={which!r}; expected one of {sorted(paths)}")
-    pipe = StableDiffusionPipeline.from_pretrained(str(paths[which]()), torch_dtype=dtype or torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(str(paths[which]()), dtype=dtype or torch.float32,
                                                    local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -44,12 +44,12 @@ class BuildConfig:
     seed: int = 0
     device: str = "cpu"
     pool_size: int = 60_000
-    classifier_steps: int = 1500
-    vae_steps: int = 1500
-    decoder_steps: int = 800
+    classifier_steps: int = 1000
+    vae_steps: int = 2000
+    decoder_steps: int = 700
     vae_batch: int = 64
     steps: int = 8000  # UNet steps (upper bound; --unet-minutes may cut the plan shorter)
-    unet_minutes: float = 55.0
+    unet_minutes: float = 48.0
     batch: int = 128
     lr: float = 5e-4
     warmup: int = 200
@@ -371,7 +371,7 @@ def build(cfg: BuildConfig) -> dict:
         "heldout_accuracy"] if (out / "classifier" / clf.CONFIG_NAME).exists() else None
 
     # Measure on the pipeline as shipped (fp16 on disk, loaded back in fp32).
-    pipe = StableDiffusionPipeline.from_pretrained(str(base_dir), torch_dtype=torch.float32).to(cfg.device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_dir), dtype=torch.float32).to(cfg.device)
     report["base"] = measure_quality(pipe, classifier, per_combo=cfg.quality_per_combo, seed=cfg.seed + 30_000,
                                      guidance=cfg.guidance, steps=cfg.sampling_steps, device=cfg.device)
     log.info("base quality: %s", report["base"])
@@ -380,7 +380,7 @@ def build(cfg: BuildConfig) -> dict:
     variant_unet = _stage_variant(cfg, pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, work)
     variant = make_pipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, variant_unet)
     save_pipeline(variant, variant_dir, half=True)
-    vpipe = StableDiffusionPipeline.from_pretrained(str(variant_dir), torch_dtype=torch.float32).to(cfg.device)
+    vpipe = StableDiffusionPipeline.from_pretrained(str(variant_dir), dtype=torch.float32).to(cfg.device)
     report["variant"] = measure_quality(vpipe, classifier, per_combo=max(1, cfg.quality_per_combo // 2),
                                         seed=cfg.seed + 40_000, guidance=cfg.guidance,
                                         steps=cfg.sampling_steps, device=cfg.device)

@@ -52,7 +52,7 @@ def make_vae(seed: int):
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
         sample_size=32, scaling_factor=1.0,
     )
 
@@ -90,13 +90,17 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
 
 
 def save_pipeline(pipe, out_dir: str | Path, half: bool = True) -> None:
-    """Save in the diffusers folder layout (safetensors). ``half`` stores weights in fp16 to keep assets small."""
+    """Save in the diffusers folder layout (safetensors).
+
+    ``half`` stores the UNet (the only large component) in fp16 to keep the assets small; diffusers loads it
+    back in fp32. The text encoder stays fp32: transformers would load an fp16 one as fp16, and a plain
+    ``from_pretrained(dir)`` would then mix dtypes.
+    """
     import copy
 
     if half:
         pipe = copy.deepcopy(pipe)
-        for name in ("unet", "vae", "text_encoder"):
-            getattr(pipe, name).to(torch.float16)
+        pipe.unet.to(torch.float16)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
 
