@@ -53,6 +53,9 @@ class RunSummary:
     manifest: str
     seconds: float
     plan: RunPlan | None = field(default=None, repr=False)
+    registry: str | None = None  # the registry folder, when the registry stage ran
+    wandb_run_dir: str | None = None  # the W&B run folder, when tracking is on
+    versions: dict[str, str] = field(default_factory=dict)  # result key -> "concept:vN"
 
     @property
     def failed(self) -> list[ConceptResult]:
@@ -109,9 +112,26 @@ def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
         problems.append(f"max_retries must be >= 0, got {data['max_retries']}")
     if problems:
         raise ConfigError("cluster config", problems)
+    if data.get("deepspeed"):
+        data["deepspeed"] = _read_deepspeed(data["deepspeed"])
     options = ClusterOptions(**data)
     check_reachable(options)
     return options, pack_size
+
+
+def _read_deepspeed(path: str) -> dict:
+    import json
+
+    candidates = [path, os.path.join(os.path.dirname(__file__), "..", "conf", "deepspeed", path),
+                  os.path.join(os.path.dirname(__file__), "..", "conf", "deepspeed", f"{path}.json")]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate) as fh:
+                    return json.load(fh)
+            except ValueError as exc:
+                raise ConfigError("cluster config", [f"deepspeed config {candidate} is not JSON: {exc}"]) from None
+    raise ConfigError("cluster config", [f"deepspeed config {path!r} not found (a path, or a name in conf/deepspeed)"])
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
@@ -170,13 +190,25 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
         results += run_jobs(plan.jobs, plan.model, plan.store, plan.cluster, progress=cfg.progress,
                             task_options=task_options)
     results.sort(key=lambda r: (r.point_id, r.concept))
+    # validate + register every membrane (same bytes -> same version), log the run to the tracker
+    from spm_train.registry import publish_results
+
+    section = lambda name: OmegaConf.to_container(cfg[name], resolve=True)  # noqa: E731
+    published = publish_results(
+        results, concepts=plan.concepts, trainer=plan.trainer, model=plan.model, family=plan.family,
+        base_fingerprint=plan.base_fingerprint, registry=section("registry"), tracking=section("tracking"),
+        root=cfg.paths.root, run_dir=run_dir, run_name=f"{cfg.concepts.name}-{os.path.basename(run_dir)}",
+        run_config={k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")})
     manifest = write_json(os.path.join(run_dir, "manifest.json"), {
         "concept_set": cfg.concepts.name,
         "model": plan.model, "family": plan.family, "base_fingerprint": plan.base_fingerprint,
         "trainer": plan.trainer.to_dict(), "sweep": plan.sweep,
         "results": [r.to_dict(with_history=False) for r in results],
+        "publication": published.manifest_entry(),
     })
-    summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan)
+    summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
+                         registry=published.registry, wandb_run_dir=published.wandb_run_dir,
+                         versions={k: v.ref for k, v in published.versions.items()})
     _write_summary(summary)
     return summary
 

@@ -41,6 +41,8 @@ class ClusterConfig:
     gpus_per_job: float = 0.0
     # > 1: each pack runs data-parallel on this many Ray Train workers, each with the resources above
     workers_per_job: int = 1
+    # a DeepSpeed config file (conf/deepspeed/zero2.json, zero3.json) to train packs under ZeRO
+    deepspeed: Optional[str] = None
     pack_size: int = 4
     max_retries: int = 3
     connect_timeout_s: float = 10.0
@@ -54,6 +56,11 @@ class TrackingConfig:
     project: str = "spm-membranes"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    # W&B writes its runs to <dir>/wandb/ (offline: `wandb sync <dir>/wandb/offline-run-*`)
+    dir: str = "${paths.root}"
+    # online only: link every logged membrane artifact into this registry collection
+    # (e.g. "wandb-registry-model/membranes")
+    registry_collection: Optional[str] = None
 
 
 @dataclass
@@ -64,6 +71,13 @@ class RegistryConfig:
     # validation gates, overridable per concept set
     min_erasure: float = 0.0
     max_preservation_drop: float = 1.0
+    # per-concept gate overrides: {concept name: {min_erasure: .., max_preservation_drop: ..}}
+    gates: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    # behavioural check: "package.module:function" with evaluate(pipe, membrane, concept_spec) -> metrics;
+    # null records the behaviour as "not evaluated"
+    evaluator: Optional[str] = None
+    # alias set on each newly registered version that did not fail validation (null: none)
+    candidate_alias: Optional[str] = "candidate"
 
 
 @dataclass

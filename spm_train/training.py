@@ -110,11 +110,15 @@ class PackTrainer:
 
     def __init__(self, pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig, *,
                  checkpoint_dir: str | None = None, callback: Callable[[int, list[dict]], None] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, deepspeed: dict | None = None):
         self.cfg = trainer
         self.checkpoint_dir = checkpoint_dir
         self.callback = callback
         self.progress = progress
+        self.ds_config = deepspeed
+        self.engine = None
+        if deepspeed is not None:
+            _init_deepspeed_process_group()
         self._setup_concepts(concepts)
         self._setup_model(pipe)
         self._setup_bank()
@@ -196,6 +200,35 @@ class PackTrainer:
             self.cfg.lr_scheduler, self.optimizer, num_warmup_steps=self.cfg.lr_warmup_steps,
             num_training_steps=self.cfg.iterations, num_cycles=self.cfg.lr_cycles,
         )
+        if self.ds_config is not None:
+            self._setup_deepspeed()
+
+    def _setup_deepspeed(self) -> None:
+        """Hand the UNet to a DeepSpeed engine: ZeRO shards what the config says (stage 3: the frozen base
+        too, for bases that do not fit one device). DeepSpeed averages and clips the pack's gradients
+        (one norm for the whole pack), and steps our AdamW and schedule."""
+        import deepspeed
+
+        problems = []
+        if self.cfg.micro_batch:
+            problems.append("micro_batch is not supported with DeepSpeed (use its gradient accumulation)")
+        if problems:
+            raise ConfigError("trainer config", problems)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, **self.ds_config}
+        if self.cfg.max_grad_norm:
+            config.setdefault("gradient_clipping", self.cfg.max_grad_norm)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.unet, model_parameters=self.bank.parameters(), optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, config=config)
+        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+
+    def _gathered(self):
+        """Full membrane weights, also when ZeRO-3 partitions them."""
+        if self.engine is None:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.bank.parameters(), modifier_rank=0)
 
     # -- one iteration ---------------------------------------------------------------------
     def _draw(self):
@@ -292,7 +325,10 @@ class PackTrainer:
                 on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
                                         self.resolution).to(self.compute_dtype)
             err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
-            (err * weight[lo:hi]).sum().backward()
+            if self.engine is not None:
+                self.engine.backward((err * weight[lo:hi]).sum())
+            else:
+                (err * weight[lo:hi]).sum().backward()
             sq[lo:hi] = err.detach()
         self.bank.set_permeability(None)
 
@@ -305,6 +341,9 @@ class PackTrainer:
         anchor = parts[:, 1] / torch.tensor([cfg.la_strength if c.num_anchors else 1.0 for c in self.concepts],
                                             device=dev, dtype=self.compute_dtype)
         losses = torch.stack([parts.sum(1), parts[:, 0], anchor], dim=1)
+        if self.engine is not None:
+            self.engine.step()  # reduce, clip, AdamW, schedule, zero
+            return losses
         self._average_gradients()
         self._clip_per_membrane()
         self.optimizer.step()
@@ -372,7 +411,8 @@ class PackTrainer:
                     self.save_checkpoint()
         finally:
             bar.close()
-        membranes = [self._export(i) for i in range(len(self.specs))]
+        with self._gathered():
+            membranes = [self._export(i) for i in range(len(self.specs))]
         seconds = time.perf_counter() - start
         logger.info("trained %d membrane(s) [%s] for %d iterations in %.1fs", len(membranes), names,
                     cfg.iterations - resumed_from, seconds)
@@ -422,12 +462,16 @@ class PackTrainer:
     def save_checkpoint(self) -> str:
         """Membrane weights, optimizer state, step and every generator's state, written atomically."""
         tensors: dict[str, torch.Tensor] = {}
-        for i, (path, layer) in enumerate(self.bank.layers.items()):
-            tensors[f"bank.{i}.down"] = layer.down.detach().cpu().contiguous()
-            tensors[f"bank.{i}.up"] = layer.up.detach().cpu().contiguous()
+        with self._gathered():
+            for i, (path, layer) in enumerate(self.bank.layers.items()):
+                tensors[f"bank.{i}.down"] = layer.down.detach().cpu().clone()
+                tensors[f"bank.{i}.up"] = layer.up.detach().cpu().clone()
         params = self.bank.parameters()
+        # DeepSpeed keeps the optimizer state in its own partitions: a DeepSpeed run resumes weights,
+        # step and generators, and restarts AdamW's moments
+        optimizer_state = self.optimizer.state if self.engine is None else {}
         for i, p in enumerate(params):
-            for key, value in self.optimizer.state.get(p, {}).items():
+            for key, value in optimizer_state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         for rank, states in enumerate(self._gather_rng_states()):
             for k, (host, device) in enumerate(states):
@@ -464,7 +508,7 @@ class PackTrainer:
         differs = [k for k, v in identity.items() if meta.get(k) != v]
         if differs:
             raise ConfigError("checkpoint", [f"{url} belongs to another run (different {', '.join(differs)})"])
-        with torch.no_grad():
+        with torch.no_grad(), self._gathered():
             for i, layer in enumerate(self.bank.layers.values()):
                 layer.down.copy_(tensors[f"bank.{i}.down"])
                 layer.up.copy_(tensors[f"bank.{i}.up"])
@@ -476,9 +520,10 @@ class PackTrainer:
                 if "step" in entry:
                     entry["step"] = entry["step"].cpu()
                 state[i] = entry
-        opt_state = self.optimizer.state_dict()
-        opt_state["state"] = state
-        self.optimizer.load_state_dict(opt_state)
+        if self.engine is None:
+            opt_state = self.optimizer.state_dict()
+            opt_state["state"] = state
+            self.optimizer.load_state_dict(opt_state)
         if int(meta.get("world_size", 1)) != self.world_size:
             raise ConfigError("checkpoint", [f"{url} was written by {meta.get('world_size', 1)} worker(s), "
                                              f"this run has {self.world_size}"])
@@ -495,20 +540,38 @@ class PackTrainer:
         return self.step
 
 
+def _init_deepspeed_process_group() -> None:
+    """DeepSpeed needs a process group; a lone process (a plain Ray task) gets a group of one."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+
+
 def _rank_suffix(rank: int) -> str:
     return "" if rank == 0 else f".rank{rank}"
 
 
 def train_membranes(pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig | None = None, *,
-                    checkpoint_dir: str | None = None, callback=None, progress: bool = True) -> TrainingResult:
+                    checkpoint_dir: str | None = None, callback=None, progress: bool = True,
+                    deepspeed: dict | None = None) -> TrainingResult:
     """Train one membrane per concept as a single pack on ``pipe`` (left unchanged afterwards).
 
     ``checkpoint_dir``: with ``trainer.checkpoint_every > 0`` the pack checkpoints there and resumes
     from the last checkpoint when restarted. The pipeline stays on the device the caller put it on.
+    ``deepspeed``: a DeepSpeed config (dict) to train under a DeepSpeed engine (ZeRO); with ZeRO stage 3
+    the base model's weights are partitioned and the pipeline cannot be reused afterwards.
     """
     trainer = trainer or TrainerConfig()
     pack = PackTrainer(pipe, concepts, trainer, checkpoint_dir=checkpoint_dir, callback=callback,
-                       progress=progress)
+                       progress=progress, deepspeed=deepspeed)
     try:
         return pack.train()
     finally:

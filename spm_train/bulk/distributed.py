@@ -2,7 +2,8 @@
 
 Each worker draws its own trajectories and anchors (its rank is folded into the concepts' seeds),
 the membranes' gradients are averaged with one all-reduce per step, so every worker holds the same
-membranes; rank 0 writes checkpoints and results to the shared store. On CPU the process group uses
+membranes; rank 0 writes checkpoints and results to the shared store. With a DeepSpeed config the
+workers train under a ZeRO engine instead (stage 3 shards the frozen base across them). On CPU the process group uses
 gloo, on GPUs NCCL (Ray Train picks the backend and sets the device of each worker).
 """
 
@@ -15,11 +16,12 @@ from .store import ResultStore
 def _worker_loop(config: dict) -> None:
     from .runner import train_pack
 
-    train_pack(config["job"], config["model"], config["store_root"], config.get("board"))
+    train_pack(config["job"], config["model"], config["store_root"], config.get("board"), config.get("deepspeed"))
 
 
 def train_pack_data_parallel(job: Job, model: dict, store_root: str, board=None, num_workers: int = 2,
-                             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> list[dict]:
+                             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                             deepspeed: dict | None = None) -> list[dict]:
     """Train ``job`` on ``num_workers`` Ray Train workers; returns the stored results like ``train_pack``."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -30,7 +32,8 @@ def train_pack_data_parallel(job: Job, model: dict, store_root: str, board=None,
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": job, "model": model, "store_root": store_root, "board": board},
+        train_loop_config={"job": job, "model": model, "store_root": store_root, "board": board,
+                           "deepspeed": deepspeed},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"pack-{job.job_id}", storage_path=f"{store.root}/ray_train"),

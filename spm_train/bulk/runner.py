@@ -36,6 +36,7 @@ class ClusterOptions:
     cpus_per_job: float = 1.0
     gpus_per_job: float = 0.0
     workers_per_job: int = 1
+    deepspeed: dict[str, Any] | None = None
     max_retries: int = 3
     connect_timeout_s: float = 10.0
     runtime_env: dict[str, Any] = field(default_factory=dict)
@@ -98,7 +99,7 @@ def _load_base(model: dict):
     return _BASE_MODELS[key]
 
 
-def train_pack(job: Job, model: dict, store_root: str, board=None) -> list[dict]:
+def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: dict | None = None) -> list[dict]:
     """The body of one Ray task: train a pack (resuming if it was checkpointed) and store its results."""
     import ray
 
@@ -114,11 +115,13 @@ def train_pack(job: Job, model: dict, store_root: str, board=None) -> list[dict]
 
     started, start = time.time(), time.perf_counter()
     trainer = PackTrainer(pipe, job.concepts, job.trainer, checkpoint_dir=store.checkpoint_dir(job.job_id),
-                          callback=report, progress=False)
+                          callback=report, progress=False, deepspeed=deepspeed)
     try:
         result = trainer.train()
     finally:
         trainer.close()
+        if getattr(trainer, "zero_stage", 0) == 3:  # ZeRO 3 partitioned the base's weights in place
+            _BASE_MODELS.clear()
     if trainer.worker_rank != 0:  # data-parallel workers hold the same membranes; rank 0 stores them
         return []
     seconds = time.perf_counter() - start
@@ -209,11 +212,11 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
         # the task only drives a Ray Train worker group, which holds the resources
         remote = ray.remote(train_pack_data_parallel)
         resources = dict(num_cpus=0, num_gpus=0)
-        extra = (options.workers_per_job, options.cpus_per_job, options.gpus_per_job)
+        extra = (options.workers_per_job, options.cpus_per_job, options.gpus_per_job, options.deepspeed)
     else:
         remote = ray.remote(train_fn or train_pack)
         resources = dict(num_cpus=options.cpus_per_job, num_gpus=options.gpus_per_job)
-        extra = ()
+        extra = (options.deepspeed,) if options.deepspeed else ()
 
     def submit(job: Job):
         opts = dict(resources, max_retries=options.max_retries, retry_exceptions=False)

@@ -121,3 +121,11 @@ def test_plan_groups_concepts_into_packs(tmp_path):
     assert sorted(len(j.tasks) for j in plan.jobs) == [1, 2]
     assert plan.family == "sd1" and len(plan.base_fingerprint) == 16
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_packs_train_under_a_deepspeed_config(tmp_path, ray_shutdown):
+    cfg = compose(tmp_path, "cluster.num_cpus=2", "cluster.deepspeed=zero2", "cluster.pack_size=3")
+    summary = train(cfg, run_dir=str(tmp_path / "run"))
+    assert [r.status for r in summary.results] == ["trained"] * 3, [r.error for r in summary.results]
+    with pytest.raises(ConfigError, match="deepspeed config 'zero9' not found"):
+        plan_run(compose(tmp_path, "cluster.deepspeed=zero9"))
