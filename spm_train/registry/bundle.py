@@ -92,9 +92,9 @@ def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None
         sub = os.path.join(directory, v.concept, f"v{v.version}")
         os.makedirs(sub, exist_ok=True)
         copy_verified(registry, v, os.path.join(sub, "membrane.safetensors"))
-        image = v.lineage.get("image")
+        image = registry.image_of(v)
         card_image = None
-        if image and os.path.exists(image):
+        if image:
             shutil.copyfile(image, os.path.join(sub, "grid.png"))
             card_image = "grid.png"
         with open(os.path.join(sub, "README.md"), "w") as fh:
@@ -145,10 +145,12 @@ def import_bundle(registry: Registry, directory: str) -> list[Version]:
         v = registry.register(os.path.join(directory, e["file"]), concept=e["concept"],
                               validation=ValidationReport.from_dict(e["validation"]) if e.get("validation") else None,
                               lineage=lineage, metrics=e.get("metrics"))
+        new = v.new
         for alias in e.get("aliases", []):
             if alias == LATEST or (alias == "production" and v.status != "passed"):
                 continue
             v = registry.promote(v.ref, alias, reason=f"imported from {directory}")
+        v.new = new
         imported.append(v)
     return imported
 

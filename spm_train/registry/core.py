@@ -280,6 +280,19 @@ class Registry:
         log_event(conn, concept, number, "promote", alias=alias, forced=forced, status=status, note=note,
                   previous=None if previous is None else previous["version"], user=_user())
 
+    def record_image(self, ref: str | Version, path: str, prompt: str = "") -> None:
+        """Note a before/after image made with this version (shown in its exported model card)."""
+        version = ref if isinstance(ref, Version) else self.resolve(ref)
+        with self.index.write() as conn:
+            log_event(conn, version.concept, version.version, "image", path=os.path.abspath(path), prompt=prompt)
+
+    def image_of(self, version: Version) -> str | None:
+        """The newest recorded image of ``version`` that still exists (lineage ``image`` first)."""
+        candidates = [version.lineage.get("image")]
+        candidates += [e["detail"].get("path") for e in reversed(self.index.events(version.concept))
+                       if e["action"] == "image" and e["version"] == version.version]
+        return next((c for c in candidates if c and os.path.exists(c)), None)
+
     # -- maintenance ----------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Re-hash every version's blob and check the index; returns the problems (empty: all sound)."""

@@ -1,6 +1,7 @@
 """Tiny real membranes (the sd1 test architecture) and a registry in a temporary folder."""
 
 import os
+from dataclasses import dataclass
 import sys
 from pathlib import Path
 
@@ -54,7 +55,36 @@ def membrane_file(tmp_path, tiny_pipe, base_info):
     return build
 
 
-def run_cli(*args, env=None, cwd=ROOT):
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, env=None):
+    """``python -m pipelines.registry ARGS`` in this process (same code path, no interpreter start-up)."""
+    import contextlib
+    import io
+
+    from pipelines.registry import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args, env=None, cwd=ROOT):
     import subprocess
 
     full_env = {**os.environ, **(env or {})}

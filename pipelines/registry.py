@@ -1,0 +1,151 @@
+"""Command line of the membrane registry.
+
+    python -m pipelines.registry list [--json]
+    python -m pipelines.registry show snoopy@production           # or snoopy:v3, or snoopy (latest)
+    python -m pipelines.registry promote snoopy:v3 production [--force --reason "..."]
+    python -m pipelines.registry verify                           # re-hash every blob, check the index
+    python -m pipelines.registry export bundle/ [snoopy:v3 ...]   # manifest, files, model cards
+    python -m pipelines.registry import bundle/
+    python -m pipelines.registry gc [--dry-run]
+
+The registry is ``--root`` or ``$SPM_HOME/registry`` (``runs/registry`` without SPM_HOME). Errors are
+one line on stderr and exit code 2; ``verify`` exits 1 when it finds problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+
+from spm_train.errors import SPMError
+from spm_train.registry import Registry, export_bundle, import_bundle
+
+logger = logging.getLogger("pipelines.registry")
+
+
+def default_root() -> str:
+    return os.path.join(os.environ.get("SPM_HOME", "runs"), "registry")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.registry", description="the membrane registry")
+    p.add_argument("--root", default=None, help="registry folder (default: $SPM_HOME/registry)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="every version, with status and aliases")
+    ls.add_argument("concept", nargs="?", help="only this concept")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show = sub.add_parser("show", help="one version in full: CONCEPT, CONCEPT:vN or CONCEPT@ALIAS")
+    show.add_argument("ref")
+    show.add_argument("--json", action="store_true")
+    pr = sub.add_parser("promote", help="point an alias at a version")
+    pr.add_argument("ref")
+    pr.add_argument("alias")
+    pr.add_argument("--force", action="store_true", help="promote a version that did not pass validation")
+    pr.add_argument("--reason", default="", help="recorded with the promotion")
+    sub.add_parser("verify", help="re-hash every blob and check the index")
+    ex = sub.add_parser("export", help="write a bundle: manifest.json, membranes, model cards")
+    ex.add_argument("dir")
+    ex.add_argument("refs", nargs="*", help="versions to export (default: all)")
+    im = sub.add_parser("import", help="register a bundle's versions after checking their hashes")
+    im.add_argument("dir")
+    gc = sub.add_parser("gc", help="remove blobs no version points to")
+    gc.add_argument("--dry-run", action="store_true")
+    return p
+
+
+def _open(args, create: bool = False) -> Registry:
+    return Registry.open(args.root or default_root(), create=create)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_list(args) -> int:
+    with _open(args) as reg:
+        versions = reg.versions(args.concept)
+        forced = {(a["concept"], a["alias"]) for a in reg.index.aliases(args.concept) if a["forced"]}
+    if args.json:
+        print(json.dumps([v.to_dict() for v in versions], indent=1, sort_keys=True, default=str))
+        return 0
+    header = ["version", "status", "aliases", "sha256", "erasure", "created"]
+    rows = [[v.ref, v.status, ",".join(a + ("(forced)" if (v.concept, a) in forced else "") for a in v.aliases), v.sha256[:12],
+             "-" if "erasure_rate" not in v.metrics else f"{v.metrics['erasure_rate']:.3f}", _when(v.created)]
+            for v in versions]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_show(args) -> int:
+    with _open(args) as reg:
+        v = reg.resolve(args.ref)
+        events = [e for e in reg.index.events(v.concept) if e["version"] == v.version]
+    data = {**v.to_dict(), "events": events}
+    print(json.dumps(data, indent=1, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    with _open(args) as reg:
+        v = reg.promote(args.ref, args.alias, force=args.force, reason=args.reason)
+    print(f"{v.concept}@{args.alias} -> {v.ref}" + (" (forced)" if args.force and v.status != "passed" else ""))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    with _open(args) as reg:
+        problems = reg.verify()
+        n = len(reg.versions())
+    for p in problems:
+        print(p)
+    print(f"{n} version(s) checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_export(args) -> int:
+    with _open(args) as reg:
+        manifest = export_bundle(reg, args.dir, args.refs or None)
+    print(manifest)
+    return 0
+
+
+def cmd_import(args) -> int:
+    with _open(args, create=True) as reg:
+        versions = import_bundle(reg, args.dir)
+    for v in versions:
+        print(f"{v.ref}  {'new' if v.new else 'already present'}  {v.sha256[:12]}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    with _open(args) as reg:
+        removed = reg.gc(dry_run=args.dry_run)
+    for path in removed:
+        print(("would remove " if args.dry_run else "removed ") + path)
+    print(f"{len(removed)} unreferenced file(s)")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "verify": cmd_verify,
+            "export": cmd_export, "import": cmd_import, "gc": cmd_gc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (SPMError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
