@@ -76,6 +76,8 @@ class RegistryConfig:
     # behavioural check: "package.module:function" with evaluate(pipe, membrane, concept_spec) -> metrics;
     # null records the behaviour as "not evaluated"
     evaluator: Optional[str] = None
+    # keyword arguments for the evaluator, e.g. {samples_per_prompt: 4, steps: 10}
+    evaluator_options: Dict[str, Any] = field(default_factory=dict)
     # alias set on each newly registered version that did not fail validation (null: none)
     candidate_alias: Optional[str] = "candidate"
 

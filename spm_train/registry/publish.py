@@ -83,7 +83,7 @@ def publish_results(results: Sequence, *, concepts: Sequence, trainer, model: Ma
 def _register_all(reg: Registry, results, concepts, trainer, model, family, fingerprint, cfg, tracker: NullTracker,
                   run_dir, publication: Publication) -> None:
     specs = {c.name: c for c in concepts}
-    evaluator = load_evaluator(cfg.get("evaluator"))
+    evaluator = load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
     base = _LazyBase(model)
     candidate = cfg.get("candidate_alias")
     for r in results:

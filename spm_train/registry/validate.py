@@ -11,6 +11,7 @@ and compare its numbers with gates. Without an evaluator the behavioural result 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -181,8 +182,9 @@ def validate(source: str | Membrane, *, unet=None, family: str | None = None, ba
     return membrane, report
 
 
-def load_evaluator(spec: str | None) -> Evaluator | None:
-    """``"package.module:function"`` -> the function; None or "" -> None (no behavioural check)."""
+def load_evaluator(spec: str | None, options: Mapping[str, Any] | None = None) -> Evaluator | None:
+    """``"package.module:function"`` -> the function (with ``options`` bound as keyword arguments);
+    None or "" -> None (no behavioural check)."""
     if not spec:
         return None
     module_name, _, attr = spec.partition(":")
@@ -194,4 +196,4 @@ def load_evaluator(spec: str | None) -> Evaluator | None:
         raise ConfigError("registry.evaluator", [f"cannot import {spec!r}: {exc}"]) from None
     if not callable(fn):
         raise ConfigError("registry.evaluator", [f"{spec!r} is not callable"])
-    return fn
+    return functools.partial(fn, **dict(options)) if options else fn

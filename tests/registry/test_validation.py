@@ -1,0 +1,99 @@
+"""Structural and behavioural validation: every rejection is recorded with its reason."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spm_train.errors import ConfigError
+from spm_train.registry import FAILED, NOT_EVALUATED, PASSED, Gates, load_evaluator, validate
+
+from .conftest import make_membrane
+
+
+def test_a_sound_membrane_passes_structure_and_behaviour_is_not_evaluated_without_evaluator(tiny_pipe, base_info,
+                                                                                           membrane_file):
+    membrane, report = validate(membrane_file("snoopy", 0), unet=tiny_pipe.unet, family="sd1",
+                                base_fingerprint=base_info["fingerprint"])
+    assert membrane.num_layers == 48
+    assert (report.structural, report.behavioural, report.status) == (PASSED, NOT_EVALUATED, NOT_EVALUATED)
+    assert report.reasons == ["behaviour: not evaluated (no evaluator configured)"]
+    # the base UNet is left as it was (attached for the check, then detached)
+    from spm_train.membrane import MembraneLayer
+
+    assert not any(isinstance(m, MembraneLayer) for m in tiny_pipe.unet.modules())
+
+
+def test_non_finite_values_wrong_layout_and_missing_metadata_are_rejected_with_reasons(tmp_path, tiny_pipe,
+                                                                                      base_info, membrane_file):
+    fp = base_info["fingerprint"]
+    good = make_membrane(tiny_pipe, "snoopy", 0, fp)
+    # NaN: written around Membrane.save (which refuses it) with the same header
+    tensors = good.state_dict()
+    first = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=good.metadata())
+    _, report = validate(str(tmp_path / "nan.safetensors"), unet=tiny_pipe.unet, family="sd1", base_fingerprint=fp)
+    assert report.status == FAILED and report.structural == FAILED
+    assert any("NaN or Inf" in r for r in report.reasons)
+
+    # an sd2 membrane offered for an sd1 base: family and layer shapes do not match
+    from spm_train.architectures import tiny_pipeline
+
+    sd2 = tiny_pipeline("sd2")
+    other = make_membrane(sd2, "snoopy", 0, fp)
+    other.family = "sd2"
+    other.save(str(tmp_path / "sd2.safetensors"))
+    _, report = validate(str(tmp_path / "sd2.safetensors"), unet=tiny_pipe.unet, family="sd1", base_fingerprint=fp)
+    assert report.status == FAILED
+    assert any(r.startswith("family: membrane is sd2") for r in report.reasons)
+    assert any(r.startswith("layout:") for r in report.reasons)
+
+    # incomplete metadata and a foreign base fingerprint
+    bare = make_membrane(tiny_pipe, "snoopy", 1, "0000")
+    bare.concepts, bare.trainer = (), {}
+    bare.save(str(tmp_path / "bare.safetensors"))
+    _, report = validate(str(tmp_path / "bare.safetensors"), unet=tiny_pipe.unet, family="sd1", base_fingerprint=fp)
+    assert {"metadata: no concepts", "metadata: no trainer config"} <= set(report.reasons)
+    assert any(r.startswith("base fingerprint: membrane was trained on 0000") for r in report.reasons)
+
+    # not a safetensors file at all
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    membrane, report = validate(str(tmp_path / "junk.safetensors"), unet=tiny_pipe.unet)
+    assert membrane is None and report.status == FAILED and report.reasons[0].startswith("unreadable:")
+
+
+def fake_evaluator(pipe, membrane, concept_spec, erasure=0.9, drop=0.02):
+    return {"erasure_rate": erasure, "preservation_drop": drop, "calls": 1.0}
+
+
+def test_behavioural_gates_apply_with_per_concept_overrides(tiny_pipe, base_info, membrane_file):
+    path = membrane_file("snoopy", 0)
+    kwargs = dict(unet=tiny_pipe.unet, family="sd1", base_fingerprint=base_info["fingerprint"], pipe=tiny_pipe)
+    evaluator = load_evaluator(f"{__name__}:fake_evaluator")
+    _, report = validate(path, evaluator=evaluator, gates=Gates(min_erasure=0.8, max_preservation_drop=0.05),
+                         **kwargs)
+    assert (report.behavioural, report.status) == (PASSED, PASSED)
+    assert report.metrics["erasure_rate"] == pytest.approx(0.9) and report.reasons == []
+
+    gates = Gates.for_concept("snoopy", 0.8, 0.05, {"snoopy": {"min_erasure": 0.95}, "cat": {"min_erasure": 0.1}})
+    assert gates == Gates(0.95, 0.05)
+    _, report = validate(path, evaluator=evaluator, gates=gates, **kwargs)
+    assert report.status == FAILED and report.reasons == ["erasure_rate 0.9 < min_erasure 0.95"]
+
+    harsh = load_evaluator(f"{__name__}:fake_evaluator", {"drop": 0.3})
+    _, report = validate(path, evaluator=harsh, gates=Gates(0.5, 0.1), **kwargs)
+    assert report.status == FAILED and report.reasons == ["preservation_drop 0.3 > max_preservation_drop 0.1"]
+
+    def crashing(pipe, membrane, concept_spec):
+        raise RuntimeError("scorer missing")
+
+    _, report = validate(path, evaluator=crashing, gates=Gates(), **kwargs)
+    assert report.status == FAILED and "evaluation error: RuntimeError: scorer missing" in report.reasons
+
+    with pytest.raises(ConfigError, match="unknown gate 'min_erasur'"):
+        Gates.for_concept("snoopy", overrides={"snoopy": {"min_erasur": 1}})
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_evaluator("spm_train.nothing_here:evaluate")
+    assert json.loads(json.dumps(report.to_dict()))["status"] == FAILED
