@@ -173,6 +173,13 @@ class ModelAdapter:
         ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
         return set(ids) - special_ids(tok)
 
+    def content_mask(self, prompt: str) -> torch.Tensor:
+        """Which positions of the padded prompt hold content tokens (not start, end or padding)."""
+        tok = self.pipe.tokenizer
+        ids = torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
+                               truncation=True).input_ids)
+        return ~torch.isin(ids, torch.tensor(sorted(special_ids(tok))))
+
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                 resolution: int | None = None) -> torch.Tensor:
         """One UNet call; ``timesteps`` holds one value per sample."""

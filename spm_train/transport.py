@@ -37,14 +37,53 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
 
 
+SIMILARITIES = ("paper", "content")
+
+
+def content_cosine(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.Tensor | None],
+                   concept_embeds: torch.Tensor, concept_masks: Sequence[torch.Tensor],
+                   threshold: float) -> torch.Tensor:
+    """Calibrated similarity: cosine of the mean embeddings of content tokens only (start, end and padding
+    positions left out), mapped linearly from [threshold, 1] to [0, 1].
+
+    The paper's cosine of whole flattened embeddings is high for any two prompts padded to the same
+    length (their padding positions look alike); pooling content positions removes that floor.
+    Rows whose mask is unknown (``None``) get the paper's cosine.
+    """
+    def pooled(embeds, masks):
+        rows = []
+        for e, m in zip(embeds, masks):
+            m = m.to(e.device, e.dtype).unsqueeze(-1)
+            rows.append((e * m).sum(0) / m.sum().clamp(min=1))
+        return torch.stack(rows)
+
+    known = [m is not None for m in prompt_masks]
+    score = cosine_matrix(prompt_embeds, concept_embeds)
+    if any(known):
+        idx = [i for i, k in enumerate(known) if k]
+        pooled_prompts = pooled(prompt_embeds[idx].float(), [prompt_masks[i] for i in idx])
+        cos = cosine_matrix(pooled_prompts, pooled(concept_embeds.float(), concept_masks))
+        score[idx] = ((cos - threshold) / (1 - threshold)).clamp(0, 1)
+    return score
+
+
 def permeability(prompt_embeds: torch.Tensor, prompt_ids: Sequence[set[int] | None],
                  concept_embeds: torch.Tensor, concept_ids: Sequence[set[int]], owners: Sequence[int],
-                 num_membranes: int, facilitate: float = 1.0) -> torch.Tensor:
+                 num_membranes: int, facilitate: float = 1.0, *, similarity: str = "paper",
+                 prompt_masks: Sequence[torch.Tensor | None] | None = None,
+                 concept_masks: Sequence[torch.Tensor] | None = None, threshold: float = 0.7) -> torch.Tensor:
     """``[batch, membranes]`` permeabilities. ``owners[c]`` is the membrane that erased concept ``c``.
 
-    A prompt whose tokens are unknown (``None``) is scored by the embedding similarity alone.
+    ``similarity="paper"``: cosine of the flattened embeddings; ``"content"``: ``content_cosine`` (needs
+    the token masks). A prompt whose tokens are unknown (``None``) is scored by the embedding similarity alone.
     """
-    score = cosine_matrix(prompt_embeds, concept_embeds)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity {similarity!r} is not one of {list(SIMILARITIES)}")
+    if similarity == "content":
+        score = content_cosine(prompt_embeds, prompt_masks or [None] * len(prompt_ids), concept_embeds,
+                               concept_masks, threshold)
+    else:
+        score = cosine_matrix(prompt_embeds, concept_embeds)
     overlap = torch.tensor(
         [[token_overlap(ids, cids) if ids is not None else 0.0 for cids in concept_ids] for ids in prompt_ids],
         dtype=score.dtype, device=score.device,
@@ -60,11 +99,16 @@ class MembraneHandle:
     """Membranes equipped on a pipeline. ``remove()`` (or leaving the ``with`` block) restores it."""
 
     def __init__(self, pipe, membranes: Sequence[Membrane], *, transport: bool = True,
-                 facilitate: float = 1.0, scales: Sequence[float] | None = None):
+                 facilitate: float = 1.0, scales: Sequence[float] | None = None, similarity: str = "paper",
+                 threshold: float = 0.7):
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity {similarity!r} is not one of {list(SIMILARITIES)}")
         self.pipe = pipe
         self.membranes = list(membranes)
         self.transport = transport
         self.facilitate = facilitate
+        self.similarity = similarity
+        self.threshold = threshold
         self.model = ModelAdapter(pipe)
         self.scales = torch.tensor(list(scales) if scales is not None else [1.0] * len(self.membranes))
         if self.scales.numel() != len(self.membranes):
@@ -92,6 +136,7 @@ class MembraneHandle:
         self.concept_owner = owners
         self.concept_embeds = self.model.encode(prompts).hidden.float()
         self.concept_ids = [self.model.token_ids(p) for p in prompts]
+        self.concept_masks = [self.model.content_mask(p) for p in prompts]
 
     # -- hooks -----------------------------------------------------------------------------
     def _record_tokens(self, module, args, kwargs, output) -> None:
@@ -103,18 +148,19 @@ class MembraneHandle:
         hidden_states = getattr(output, "hidden_states", None)
         if hidden_states is not None:
             candidates.append(hidden_states[-2])
-        special = special_ids(self.pipe.tokenizer)
+        special = torch.tensor(sorted(special_ids(self.pipe.tokenizer)), device=input_ids.device)
         for r in range(input_ids.shape[0]):
-            ids = set(input_ids[r].tolist()) - special
-            self._rows.append((ids, [c[r].detach() for c in candidates]))
+            mask = ~torch.isin(input_ids[r], special)
+            ids = set(input_ids[r][mask].tolist())
+            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates]))
 
-    def _tokens_of(self, row: torch.Tensor) -> set[int] | None:
-        for ids, candidates in reversed(self._rows):
+    def _tokens_of(self, row: torch.Tensor) -> tuple[set[int] | None, torch.Tensor | None]:
+        for ids, mask, candidates in reversed(self._rows):
             for cand in candidates:
                 width = cand.shape[-1]
                 if cand.shape == row[..., :width].shape and torch.equal(cand.to(row.dtype), row[..., :width]):
-                    return ids
-        return None
+                    return ids, mask
+        return None, None
 
     def _open(self, module, args, kwargs):
         hidden = kwargs.get("encoder_hidden_states")
@@ -128,9 +174,11 @@ class MembraneHandle:
         if self._memo is not None and self._memo[0] is hidden and self._memo[1] == (hidden._version, cfg_pairs):
             self.bank.set_permeability(self._memo[2])
             return None
-        ids = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
-        gamma = permeability(hidden, ids, self.concept_embeds, self.concept_ids, self.concept_owner,
-                             len(self.membranes), self.facilitate)
+        found = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
+        gamma = permeability(hidden, [f[0] for f in found], self.concept_embeds, self.concept_ids,
+                             self.concept_owner, len(self.membranes), self.facilitate, similarity=self.similarity,
+                             prompt_masks=[f[1] for f in found], concept_masks=self.concept_masks,
+                             threshold=self.threshold)
         gamma = gamma * self.scales.to(gamma.device)
         if cfg_pairs:
             # the unconditional half of a CFG batch follows its prompt, as in the paper's sampler
@@ -163,9 +211,13 @@ class MembraneHandle:
 
 
 def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = True, facilitate: float = 1.0,
-                    scales: Sequence[float] | None = None) -> MembraneHandle:
+                    scales: Sequence[float] | None = None, similarity: str = "paper",
+                    threshold: float = 0.7) -> MembraneHandle:
     """Equip ``pipe`` with ``membranes``; with ``transport`` each opens per prompt by facilitated transport.
 
-    Without transport every membrane is fully open (times its scale) for every prompt.
+    Without transport every membrane is fully open (times its scale) for every prompt. ``similarity``
+    picks the embedding term of the permeability: the paper's ``"paper"`` or the calibrated
+    ``"content"`` (see ``content_cosine``; ``threshold`` is its zero point).
     """
-    return MembraneHandle(pipe, membranes, transport=transport, facilitate=facilitate, scales=scales)
+    return MembraneHandle(pipe, membranes, transport=transport, facilitate=facilitate, scales=scales,
+                          similarity=similarity, threshold=threshold)

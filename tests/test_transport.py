@@ -102,3 +102,35 @@ def test_without_transport_every_prompt_gets_the_full_membrane(fresh_sd1):
     with apply_membranes(fresh_sd1, [m], transport=False, scales=[0.8]) as handle:
         fresh_sd1(["a red car", "snoopy"], num_inference_steps=2, output_type="pt")
         assert handle.last_permeability.tolist() == [[pytest.approx(0.8)]]
+
+
+def test_content_similarity_removes_the_padding_floor(sd1_pipe):
+    """The paper's cosine is high for any two padded prompts; the calibrated one maps unrelated ones to 0."""
+    from spm_train.transport import content_cosine
+
+    model = ModelAdapter(sd1_pipe)
+    prompts = ["snoopy", "a red car", "a house"]
+    embeds = model.encode(prompts).hidden
+    concept = model.encode(["snoopy"]).hidden
+    masks = [model.content_mask(p) for p in prompts]
+    assert [int(m.sum()) for m in masks] == [1, 3, 2]
+    calibrated = content_cosine(embeds, masks, concept, [model.content_mask("snoopy")], threshold=0.7)[:, 0]
+    paper = cosine_matrix(embeds, concept)[:, 0]
+    assert calibrated[0] == pytest.approx(1.0, abs=1e-5)
+    assert (calibrated[1:] < paper[1:]).all()
+    unknown = content_cosine(embeds, [None] * 3, concept, [model.content_mask("snoopy")], threshold=0.7)[:, 0]
+    torch.testing.assert_close(unknown, paper)  # without token masks: the paper's similarity
+
+
+def test_pipeline_transport_with_content_similarity(fresh_sd1):
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+    with apply_membranes(fresh_sd1, [m], similarity="content") as handle:
+        fresh_sd1(["snoopy", "a red car"], num_inference_steps=2, output_type="pt")
+        gamma = handle.last_permeability[2:, 0]
+    with apply_membranes(fresh_sd1, [m], similarity="paper") as handle:
+        fresh_sd1(["snoopy", "a red car"], num_inference_steps=2, output_type="pt")
+        paper = handle.last_permeability[2:, 0]
+    assert gamma[0] == pytest.approx(1.0) and paper[0] == pytest.approx(1.0)
+    assert gamma[1] < paper[1]
+    with pytest.raises(ValueError, match="similarity 'fuzzy'"):
+        apply_membranes(fresh_sd1, [m], similarity="fuzzy")
