@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -102,9 +102,16 @@ class ConceptEvaluation:
     gamma_target: float | None
     gamma_nontarget: float | None
     samples: int
+    # first sample of every prompt, without and with the membranes: (prompts, before, after)
+    images: tuple | None = field(default=None, repr=False, compare=False)
+    equipped: str = "alone"  # "alone" or "all together"
+    anchoring: bool = True  # False: the membrane was trained without latent anchoring (ablation)
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        skip = {"images", "anchoring"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__
+                if k not in skip and isinstance(getattr(self, k), (int, float))
+                and not isinstance(getattr(self, k), bool)}
 
 
 @torch.no_grad()
@@ -157,6 +164,8 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
             nontarget_pixel_mse=F.mse_loss(after[~is_probe], before[~is_probe]).item(),
             nontarget_feature_distance=(fa - fb).norm(dim=1).mean().item(),
         )
+    first = list(range(0, len(flat), settings.samples_per_prompt))
+    result["images"] = (prompts, before[first], after[first])
     evaluation = ConceptEvaluation(**result)
     logger.info("evaluated %s with %s (transport %s): erasure %.2f, preservation drop %s", concept.name,
                 evaluation.membranes, settings.transport, evaluation.erasure_rate, evaluation.preservation_drop)
@@ -271,3 +280,33 @@ def default_scorer(source: str, clip_path: str | None = None, device="cpu") -> S
     if clip_path:
         return ClipScorer(path=clip_path, device=device)
     raise ValueError(f"no scorer for {source!r}: give eval.clip_path (a local CLIP model folder)")
+
+
+def evaluate_set(pipe, concepts: Sequence[ConceptSpec], membranes: dict[str, Membrane], scorer: Scorer,
+                 settings: EvalSettings | None = None, *, ablations: dict[str, Membrane] | None = None,
+                 together: bool = True) -> list[ConceptEvaluation]:
+    """The report's comparisons for every concept with a membrane: transport on and off, the membrane
+    trained without latent anchoring (``ablations``), and all membranes equipped together."""
+    settings = settings or EvalSettings()
+    off = EvalSettings(**{**asdict(settings), "transport": False})
+    cache: dict = {}
+    rows = []
+    for concept in concepts:
+        if concept.name not in membranes:
+            continue
+        own = [membranes[concept.name]]
+        rows.append(_tag(evaluate_concept(pipe, concept, own, scorer, settings, baseline=cache), "alone", True))
+        rows.append(_tag(evaluate_concept(pipe, concept, own, scorer, off, baseline=cache), "alone", True))
+        if ablations and concept.name in ablations:
+            rows.append(_tag(evaluate_concept(pipe, concept, [ablations[concept.name]], scorer, settings,
+                                              baseline=cache), "alone", False))
+        if together and len(membranes) > 1:
+            rows.append(_tag(evaluate_concept(pipe, concept, list(membranes.values()), scorer, settings,
+                                              baseline=cache), "all together", True))
+    return rows
+
+
+def _tag(evaluation: ConceptEvaluation, equipped: str, anchoring: bool) -> ConceptEvaluation:
+    evaluation.equipped = equipped
+    evaluation.anchoring = anchoring
+    return evaluation

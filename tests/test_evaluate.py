@@ -80,3 +80,27 @@ def test_clip_scores_are_cosines_and_accuracies_are_shares(clip):
     assert set(acc.tolist()) <= {0.0, 1.0}
     present = clip.concept_present(images, SNOOPY)
     assert present.dtype == torch.bool and present.shape == (4,)
+
+
+def test_the_report_has_a_table_and_a_grid_per_membrane(clip, tmp_path):
+    from PIL import Image
+
+    from spm_train.evaluate import evaluate_set
+    from spm_train.report import evaluation_report
+
+    pipe = tiny_pipeline("sd1")
+    other = ConceptSpec("house", "a house", nontarget=["a red car"])
+    membranes = {"snoopy": _membrane(pipe, 0.3), "house": _membrane(pipe, 0.2)}
+    membranes["house"].name = "house"
+    rows = evaluate_set(pipe, [SNOOPY, other], membranes, clip, SETTINGS, ablations={"snoopy": _membrane(pipe, 0.1)})
+    # snoopy: transport on, off, no anchoring, together; house: on, off, together
+    assert [(e.concept, e.equipped, e.transport, e.anchoring) for e in rows] == [
+        ("snoopy", "alone", True, True), ("snoopy", "alone", False, True), ("snoopy", "alone", True, False),
+        ("snoopy", "all together", True, True), ("house", "alone", True, True), ("house", "alone", False, True),
+        ("house", "all together", True, True)]
+    path = evaluation_report(str(tmp_path), "test report", rows)
+    text = open(path).read()
+    assert text.count("| snoopy |") == 4 and "grids/snoopy.png" in text
+    grid = Image.open(tmp_path / "grids" / "snoopy.png")
+    assert grid.size == (200 + 3 * 96, 18 + 4 * 96)  # 4 prompts; original | membrane | all membranes
+    assert (tmp_path / "report.html").exists()
