@@ -86,10 +86,18 @@ class RegistryConfig:
 class EvalConfig:
     enabled: bool = False
     kind: str = "toyworld"  # toyworld | clip | none
+    # a local CLIP model folder (transformers CLIPModel), for kind=clip
+    clip_path: Optional[str] = None
     samples_per_prompt: int = 8
     steps: int = 20
     guidance_scale: float = 3.0
     seed: int = 0
+    batch_size: int = 64
+    # facilitated transport's embedding term: "paper" (flattened cosine) or "content" (calibrated)
+    similarity: str = "paper"
+    threshold: float = 0.7
+    # also train each concept without latent anchoring, for the paper's ablation
+    ablation: bool = False
 
 
 @dataclass

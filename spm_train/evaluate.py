@@ -40,6 +40,8 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 64
     transport: bool = True
+    similarity: str = "paper"  # facilitated transport's embedding term (see transport.permeability)
+    threshold: float = 0.7
 
 
 class Scorer(Protocol):
@@ -130,7 +132,8 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
         cache[key] = generate(pipe, prompts, settings)
     before, flat = cache[key]
     gammas: list[torch.Tensor] = []
-    with apply_membranes(pipe, membranes, transport=settings.transport) as handle:
+    with apply_membranes(pipe, membranes, transport=settings.transport, similarity=settings.similarity,
+                         threshold=settings.threshold) as handle:
         def record_gamma(n: int) -> None:
             g = handle.last_permeability  # CFG batches list the conditional rows last
             g = g[-n:] if g.shape[0] >= n else g.expand(n, -1)

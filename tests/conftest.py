@@ -36,3 +36,11 @@ def fresh_sd1():
     from spm_train.architectures import tiny_pipeline
 
     return tiny_pipeline("sd1", seed=0)
+
+
+@pytest.fixture
+def ray_shutdown():
+    import ray
+
+    yield
+    ray.shutdown()

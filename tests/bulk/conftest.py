@@ -16,11 +16,3 @@ def compose(tmp_path, *overrides):
             f"paths.root={tmp_path}", "progress=false"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=base + list(overrides))
-
-
-@pytest.fixture
-def ray_shutdown():
-    import ray
-
-    yield
-    ray.shutdown()

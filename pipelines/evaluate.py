@@ -1,0 +1,150 @@
+"""Evaluate the membranes of a bulk run and write the report (Markdown + HTML + before/after grids).
+
+    python -m pipelines.evaluate                                   # the latest bulk run under $SPM_HOME
+    python -m pipelines.evaluate manifest=runs/bulk/<time>/manifest.json eval.ablation=true
+
+The report compares, per concept: facilitated transport on and off, latent anchoring on and off (with
+``eval.ablation=true`` the concepts are also trained without anchoring), and all membranes together.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.schema import BulkTrainConfig, register
+from spm_train.config import ConceptSpec, TrainerConfig
+from spm_train.errors import ConfigError, SPMError
+
+logger = logging.getLogger("pipelines.evaluate")
+
+register()
+
+
+@dataclass
+class EvaluateConfig(BulkTrainConfig):
+    # a bulk run's manifest.json; null: the newest one under ${paths.root}/bulk
+    manifest: Optional[str] = None
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def settings_from(cfg: DictConfig):
+    from spm_train.evaluate import EvalSettings
+
+    e = cfg.eval
+    return EvalSettings(samples_per_prompt=e.samples_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
+                        seed=e.seed, batch_size=e.batch_size, similarity=e.similarity, threshold=e.threshold)
+
+
+def scorer_from(cfg: DictConfig, source: str):
+    from spm_train.evaluate import ClipScorer, ToyWorldScorer
+
+    if cfg.eval.kind == "toyworld":
+        return ToyWorldScorer()
+    if cfg.eval.kind == "clip":
+        if not cfg.eval.clip_path:
+            raise ConfigError("eval config", ["eval.kind=clip needs eval.clip_path (a local CLIP model folder)"])
+        return ClipScorer(path=cfg.eval.clip_path)
+    raise ConfigError("eval config", [f"eval.kind {cfg.eval.kind!r} cannot score; use toyworld or clip"])
+
+
+def train_ablations(pipe, concepts: list[ConceptSpec], trainer: TrainerConfig, store_root: str, fingerprint: str):
+    """Each concept trained without latent anchoring (same trainer), cached in the result store."""
+    from spm_train.bulk.plan import result_key
+    from spm_train.bulk.store import ResultStore
+    from spm_train.membrane import load_membrane
+    from spm_train.training import train_membranes
+
+    store = ResultStore(store_root)
+    plain = [ConceptSpec(**{**c.to_dict(), "action": "erase"}) for c in concepts]
+    keys = {c.name: result_key(c, trainer, fingerprint) for c in plain}
+    missing = [c for c in plain if not store.has(keys[c.name])]
+    if missing:
+        from spm_train.bulk.store import ConceptResult
+
+        result = train_membranes(pipe, missing, trainer, progress=True)
+        for spec, membrane in zip(missing, result.membranes):
+            store.put(ConceptResult(concept=spec.name, key=keys[spec.name], point={}, point_id="ablation",
+                                    status="trained"), membrane)
+    return {c.name: load_membrane(store.membrane_url(keys[c.name])) for c in plain}
+
+
+def evaluation_stage(cfg: DictConfig, pipe, source: str, concepts: list[ConceptSpec], membranes: dict, out_dir: str,
+                     ablations: dict | None = None, title: str | None = None) -> tuple[list, str]:
+    """Score every membrane and write the report into ``out_dir``; returns (evaluations, report path)."""
+    from spm_train.evaluate import evaluate_set
+    from spm_train.report import evaluation_report
+
+    scorer = scorer_from(cfg, source)
+    evaluations = evaluate_set(pipe, concepts, membranes, scorer, settings_from(cfg), ablations=ablations)
+    notes = [("Setup", f"base model `{source}`; {cfg.eval.samples_per_prompt} samples per prompt, "
+                       f"{cfg.eval.steps} DDIM steps, guidance {cfg.eval.guidance_scale}, seed {cfg.eval.seed}; "
+                       f"transport similarity `{cfg.eval.similarity}`; scorer `{cfg.eval.kind}`.")]
+    path = evaluation_report(out_dir, title or f"Membrane evaluation: {cfg.concepts.name}", evaluations, notes)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
+        json.dump([{**e.metrics(), "concept": e.concept, "equipped": e.equipped, "transport": e.transport,
+                    "anchoring": e.anchoring} for e in evaluations], fh, indent=1)
+    return evaluations, path
+
+
+def _latest_manifest(root: str) -> str:
+    found = sorted(glob.glob(os.path.join(root, "bulk", "*", "manifest.json")))
+    if not found:
+        raise ConfigError("evaluate", [f"no bulk run under {root}/bulk; run python -m pipelines.bulk_train first"])
+    return found[-1]
+
+
+def run(cfg: DictConfig, out_dir: str) -> str:
+    from spm_train.membrane import load_membrane
+    from spm_train.models import load_base_model
+
+    manifest_path = cfg.manifest or _latest_manifest(cfg.paths.root)
+    with open(manifest_path) as fh:
+        manifest = json.load(fh)
+    source = manifest["model"]["source"]
+    membranes, concepts = {}, []
+    for row in manifest["results"]:
+        if row["status"] == "failed" or not row.get("membrane"):
+            continue
+        membrane = load_membrane(row["membrane"])
+        spec = ConceptSpec(**json.loads(membrane.extra["concept"]))
+        membranes[spec.name] = membrane
+        concepts.append(spec)
+    if not membranes:
+        raise ConfigError("evaluate", [f"{manifest_path} lists no trained membrane"])
+    pipe = load_base_model(source, dtype=manifest["model"].get("dtype", "float32"))
+    ablations = None
+    if cfg.eval.ablation:
+        trainer = TrainerConfig(**manifest["trainer"])
+        ablations = train_ablations(pipe, concepts, trainer, cfg.paths.store, manifest["base_fingerprint"])
+    os.makedirs(out_dir, exist_ok=True)
+    _, path = evaluation_stage(cfg, pipe, source, concepts, membranes, out_dir, ablations,
+                               title=f"Membrane evaluation: {manifest['concept_set']}")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        path = run(cfg, HydraConfig.get().runtime.output_dir)
+    except SPMError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
