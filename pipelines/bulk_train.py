@@ -199,6 +199,8 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
         base_fingerprint=plan.base_fingerprint, registry=section("registry"), tracking=section("tracking"),
         root=cfg.paths.root, run_dir=run_dir, run_name=f"{cfg.concepts.name}-{os.path.basename(run_dir)}",
         run_config={k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")})
+    logger.info("registry %s: %d new version(s) of %d; W&B run %s", published.registry, len(published.new),
+                len(published.versions), published.wandb_run_dir or "off")
     manifest = write_json(os.path.join(run_dir, "manifest.json"), {
         "concept_set": cfg.concepts.name,
         "model": plan.model, "family": plan.family, "base_fingerprint": plan.base_fingerprint,

@@ -87,8 +87,22 @@ def cmd_show(args) -> int:
     with _open(args) as reg:
         v = reg.resolve(args.ref)
         events = [e for e in reg.index.events(v.concept) if e["version"] == v.version]
-    data = {**v.to_dict(), "events": events}
-    print(json.dumps(data, indent=1, sort_keys=True, default=str))
+    if args.json:
+        print(json.dumps({**v.to_dict(), "events": events}, indent=1, sort_keys=True, default=str))
+        return 0
+    print(f"{v.ref}  ({v.status})  aliases: {', '.join(v.aliases) or '-'}")
+    print(f"  sha256:   {v.sha256}  ({v.size} bytes, {_when(v.created)} UTC)")
+    print(f"  erases:   {v.metadata.get('concepts', '?')}  family {v.metadata.get('family', '?')}, "
+          f"rank {v.metadata.get('rank', '?')}, alpha {v.metadata.get('alpha', '?')}")
+    print(f"  validation: structural {v.validation.get('structural')}, behavioural {v.validation.get('behavioural')}")
+    for reason in v.validation.get("reasons", []):
+        print(f"    - {reason}")
+    for key, value in sorted(v.metrics.items()):
+        print(f"  metric {key}: {value:.4g}" if isinstance(value, (int, float)) else f"  metric {key}: {value}")
+    for key, value in sorted(v.lineage.items()):
+        print(f"  lineage {key}: {json.dumps(value, default=str)}")
+    for e in events:
+        print(f"  {_when(e['ts'])}  {e['action']}  {json.dumps(e['detail'], sort_keys=True, default=str)}")
     return 0
 
 

@@ -250,7 +250,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, membrane_file):
     reg = Registry.open(tmp_path / "registry")
     reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=PASSED)
     root = str(tmp_path / "registry")
-    shown = run_cli("show", "snoopy:v1", env={"SPM_HOME": str(tmp_path)})  # root from $SPM_HOME
+    shown = run_cli("show", "snoopy:v1", "--json", env={"SPM_HOME": str(tmp_path)})  # root from $SPM_HOME
     assert shown.returncode == 0 and json.loads(shown.stdout)["sha256"] == reg.resolve("snoopy:v1").sha256
     for args, message in [(["show", "snoopy:v9"], "no version snoopy:v9"),
                           (["show", "nobody@production"], "no concept 'nobody'"),
@@ -259,5 +259,16 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, membrane_file):
         out = run_cli("--root", root, *args)
         assert out.returncode == 2, (args, out.stderr)
         assert out.stderr.count("\n") == 1 and message in out.stderr
+    text = run_cli("--root", root, "show", "snoopy")
+    assert text.returncode == 0 and text.stdout.startswith("snoopy:v1  (passed)  aliases: latest")
     table = run_cli("--root", root, "list")
     assert table.returncode == 0 and "snoopy:v1" in table.stdout and "latest" in table.stdout
+
+
+def test_blobs_on_another_fsspec_filesystem(tmp_path, membrane_file):
+    url = f"memory://spm-test-{os.getpid()}/blobs"
+    reg = Registry.open(tmp_path / "reg", blobs=url)
+    v = reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=PASSED)
+    assert reg.blobs.url_of(v.sha256).startswith(url) and reg.blobs.list() == [v.sha256]
+    assert reg.load("snoopy").name == "snoopy" and reg.verify() == []
+    assert Registry.open(tmp_path / "reg").blobs.url == url  # the blob location is remembered
