@@ -8,7 +8,7 @@ import ray
 from pipelines.bulk_train import train
 from spm_train.registry import Registry
 
-from ..bulk.conftest import compose, ray_shutdown  # noqa: F401 - fixture
+from ..bulk.conftest import compose
 from .test_publish import inspect
 
 
