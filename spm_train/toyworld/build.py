@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import classifier as clf
-from .model import (encode_prompts, make_pipeline, make_scheduler, make_text_encoder, make_tokenizer,
-                    make_unet, make_vae, save_pipeline)
+from .model import (encode_prompts, link_shared_components, make_pipeline, make_scheduler, make_text_encoder,
+                    make_tokenizer, make_unet, make_vae, save_pipeline)
 from .quality import measure_quality
 from .render import VARIANT_BACKGROUNDS, VARIANT_COLOUR_RGB, caption, make_batch, scene_labels
 
@@ -380,6 +380,7 @@ def build(cfg: BuildConfig) -> dict:
     variant_unet = _stage_variant(cfg, pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, work)
     variant = make_pipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, variant_unet)
     save_pipeline(variant, variant_dir, half=True)
+    link_shared_components(variant_dir, base_dir)
     vpipe = StableDiffusionPipeline.from_pretrained(str(variant_dir), dtype=torch.float32).to(cfg.device)
     report["variant"] = measure_quality(vpipe, classifier, per_combo=max(1, cfg.quality_per_combo // 2),
                                         seed=cfg.seed + 40_000, guidance=cfg.guidance,

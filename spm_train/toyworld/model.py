@@ -92,8 +92,8 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
 def save_pipeline(pipe, out_dir: str | Path, half: bool = True) -> None:
     """Save in the diffusers folder layout (safetensors).
 
-    ``half`` stores the UNet (the only large component) in fp16 to keep the assets small; diffusers loads it
-    back in fp32. The text encoder stays fp32: transformers would load an fp16 one as fp16, and a plain
+    ``half`` stores the UNet and the VAE in fp16 to keep the assets small; diffusers loads them back in fp32
+    (``load_pipeline`` also asks for fp32 explicitly). The text encoder stays fp32: transformers would load an fp16 one as fp16, and a plain
     ``from_pretrained(dir)`` would then mix dtypes.
     """
     import copy
@@ -101,6 +101,7 @@ def save_pipeline(pipe, out_dir: str | Path, half: bool = True) -> None:
     if half:
         pipe = copy.deepcopy(pipe)
         pipe.unet.to(torch.float16)
+        pipe.vae.to(torch.float16)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
 
@@ -109,3 +110,25 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return text_encoder(ids)[0]
+
+
+SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def link_shared_components(pipe_dir: str | Path, base_dir: str | Path) -> None:
+    """Replace the components a fine-tune shares with its base by relative symlinks into the base folder.
+
+    The variant differs from the base only in its UNet; linking the rest keeps the shipped assets small while
+    ``StableDiffusionPipeline.from_pretrained(pipe_dir)`` still works unchanged.
+    """
+    import os
+    import shutil
+
+    pipe_dir, base_dir = Path(pipe_dir), Path(base_dir)
+    for name in SHARED_COMPONENTS:
+        target = pipe_dir / name
+        if target.is_symlink():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        target.symlink_to(Path(os.path.relpath(base_dir / name, pipe_dir)), target_is_directory=True)
