@@ -102,10 +102,13 @@ def _setup_model(cfg: DictConfig) -> tuple[dict[str, Any], str, str]:
 
 def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
     data = OmegaConf.to_container(cfg.cluster, resolve=True)
-    pack_size = data.pop("pack_size")
+    pack_size, max_pack_size = data.pop("pack_size"), data.pop("max_pack_size")
     problems = []
-    if pack_size < 1:
-        problems.append(f"pack_size must be >= 1, got {pack_size}")
+    if pack_size < 0 or max_pack_size < 1:
+        problems.append(f"pack_size must be >= 0 (0: fit to GPU memory) and max_pack_size >= 1, "
+                        f"got {pack_size} and {max_pack_size}")
+    data["auto_pack"] = pack_size == 0
+    pack_size = pack_size or max_pack_size
     if data["gpus_per_job"] < 0 or data["cpus_per_job"] < 0:
         problems.append("cpus_per_job and gpus_per_job must be >= 0")
     if data["max_retries"] < 0:

@@ -43,7 +43,9 @@ class ClusterConfig:
     workers_per_job: int = 1
     # a DeepSpeed config file (conf/deepspeed/zero2.json, zero3.json) to train packs under ZeRO
     deepspeed: Optional[str] = None
+    # concepts per pack; 0: as many as fit the worker's GPU (measured there), at most max_pack_size
     pack_size: int = 4
+    max_pack_size: int = 32
     max_retries: int = 3
     connect_timeout_s: float = 10.0
     runtime_env: Dict[str, Any] = field(default_factory=dict)

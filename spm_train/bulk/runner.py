@@ -37,6 +37,8 @@ class ClusterOptions:
     gpus_per_job: float = 0.0
     workers_per_job: int = 1
     deepspeed: dict[str, Any] | None = None
+    # measure on the worker how many of a job's concepts fit in one pack (GPU only); else train it whole
+    auto_pack: bool = False
     max_retries: int = 3
     connect_timeout_s: float = 10.0
     runtime_env: dict[str, Any] = field(default_factory=dict)
@@ -99,13 +101,32 @@ def _load_base(model: dict):
     return _BASE_MODELS[key]
 
 
-def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: dict | None = None) -> list[dict]:
-    """The body of one Ray task: train a pack (resuming if it was checkpointed) and store its results."""
+def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: dict | None = None,
+               auto_pack: bool = False) -> list[dict]:
+    """The body of one Ray task: train a pack (resuming if it was checkpointed) and store its results.
+
+    With ``auto_pack`` the job's concepts are trained in consecutive packs of the largest size that
+    fits the worker's accelerator memory (measured by ``packing.fit_pack_size``).
+    """
+    pipe = _load_base(model)
+    if auto_pack and deepspeed is None:
+        from ..packing import fit_pack_size
+
+        k = fit_pack_size(pipe, job.trainer, limit=len(job.tasks))
+        if k is not None and k < len(job.tasks):
+            rows = []
+            for i in range(0, len(job.tasks), k):
+                part = Job(job_id=f"{job.job_id}-{i // k}", trainer=job.trainer, tasks=job.tasks[i:i + k])
+                rows += _train_pack(part, pipe, store_root, board, None)
+            return rows
+    return _train_pack(job, pipe, store_root, board, deepspeed)
+
+
+def _train_pack(job: Job, pipe, store_root: str, board, deepspeed: dict | None) -> list[dict]:
     import ray
 
     from ..training import PackTrainer
 
-    pipe = _load_base(model)
     store = ResultStore(store_root)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
@@ -216,7 +237,7 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
     else:
         remote = ray.remote(train_fn or train_pack)
         resources = dict(num_cpus=options.cpus_per_job, num_gpus=options.gpus_per_job)
-        extra = (options.deepspeed,) if options.deepspeed else ()
+        extra = (options.deepspeed, options.auto_pack) if (options.deepspeed or options.auto_pack) else ()
 
     def submit(job: Job):
         opts = dict(resources, max_retries=options.max_retries, retry_exceptions=False)

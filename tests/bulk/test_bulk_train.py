@@ -129,3 +129,10 @@ def test_packs_train_under_a_deepspeed_config(tmp_path, ray_shutdown):
     assert [r.status for r in summary.results] == ["trained"] * 3, [r.error for r in summary.results]
     with pytest.raises(ConfigError, match="deepspeed config 'zero9' not found"):
         plan_run(compose(tmp_path, "cluster.deepspeed=zero9"))
+
+
+def test_pack_size_zero_sizes_packs_on_the_worker(tmp_path, ray_shutdown):
+    plan = plan_run(compose(tmp_path, "cluster.pack_size=0", "cluster.max_pack_size=8"))
+    assert plan.cluster.auto_pack and [len(j.tasks) for j in plan.jobs] == [3]
+    summary = train(compose(tmp_path, "cluster.num_cpus=2", "cluster.pack_size=0"), run_dir=str(tmp_path / "r"))
+    assert [r.status for r in summary.results] == ["trained"] * 3  # on CPU: the whole job as one pack
