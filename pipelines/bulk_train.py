@@ -56,6 +56,7 @@ class RunSummary:
     registry: str | None = None  # the registry folder, when the registry stage ran
     wandb_run_dir: str | None = None  # the W&B run folder, when tracking is on
     versions: dict[str, str] = field(default_factory=dict)  # result key -> "concept:vN"
+    report: str | None = None  # the evaluation report (report.md), when eval.enabled
 
     @property
     def failed(self) -> list[ConceptResult]:
@@ -211,11 +212,35 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
         "results": [r.to_dict(with_history=False) for r in results],
         "publication": published.manifest_entry(),
     })
+    report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
     summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
                          registry=published.registry, wandb_run_dir=published.wandb_run_dir,
-                         versions={k: v.ref for k, v in published.versions.items()})
+                         versions={k: v.ref for k, v in published.versions.items()}, report=report)
     _write_summary(summary)
     return summary
+
+
+def _evaluate(cfg: DictConfig, plan: RunPlan, results: list[ConceptResult], run_dir: str) -> str | None:
+    """The evaluation report of the run's membranes, one per sweep point (report/<point>/report.md)."""
+    from pipelines.evaluate import evaluation_stage
+    from spm_train.membrane import load_membrane
+    from spm_train.models import load_base_model
+
+    by_point: dict[str, dict] = {}
+    for r in results:
+        if r.status != "failed" and r.membrane:
+            by_point.setdefault(r.point_id, {})[r.concept] = load_membrane(r.membrane)
+    if not by_point:
+        return None
+    pipe = load_base_model(plan.model["source"], dtype=plan.model["dtype"])
+    paths = []
+    for point, membranes in sorted(by_point.items()):
+        out = os.path.join(run_dir, "report") if len(by_point) == 1 else os.path.join(run_dir, "report", point)
+        concepts = [c for c in plan.concepts if c.name in membranes]
+        _, path = evaluation_stage(cfg, pipe, plan.model["source"], concepts, membranes, out,
+                                   title=f"{cfg.concepts.name}: {point}")
+        paths.append(path)
+    return paths[0] if len(paths) == 1 else os.path.join(run_dir, "report")
 
 
 def _points(sweep: dict) -> list:
@@ -270,7 +295,9 @@ def print_summary(summary: RunSummary) -> None:
     console = Console()
     console.print(table)
     console.print(f"manifest: {summary.manifest}")
-    console.print(f"report:   {os.path.join(summary.run_dir, 'summary.md')}")
+    console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}")
+    if summary.report:
+        console.print(f"report:   {summary.report}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

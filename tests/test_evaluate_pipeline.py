@@ -49,3 +49,15 @@ def test_evaluate_pipeline_writes_the_report_with_ablations(tmp_path, clip_dir, 
     assert ("snoopy", "all together", True, True) in combos
     assert len(metrics) == 3 * 4
     assert "grids/cat.png" in text and (tmp_path / "report" / "grids" / "vangogh.png").exists()
+
+
+def test_the_bulk_job_writes_the_evaluation_report_when_asked(tmp_path, clip_dir, ray_shutdown):
+    from pipelines.bulk_train import train
+    from tests.bulk.conftest import compose as compose_bulk
+
+    cfg = compose_bulk(tmp_path, "cluster.num_cpus=2", "eval.enabled=true", "eval.kind=clip",
+                       f"eval.clip_path={clip_dir}", "eval.samples_per_prompt=1", "eval.steps=2")
+    summary = train(cfg, run_dir=str(tmp_path / "run"))
+    assert summary.report == str(tmp_path / "run" / "report" / "report.md")
+    text = open(summary.report).read()
+    assert text.count("| cat |") == 3  # transport on, off, all together
