@@ -90,11 +90,12 @@ def _plot(rows: list[dict], path: str) -> None:
     canvas.save(path)
 
 
-def search(concept: ConceptSpec, grid: list[dict], out: str, eval_settings: EvalSettings, device="cpu") -> list[dict]:
-    from . import load_pipeline
+def search(concept: ConceptSpec, grid: list[dict], out: str, eval_settings: EvalSettings, device="cpu",
+           model: str = "toyworld") -> list[dict]:
+    from ..models import load_base_model
 
     os.makedirs(out, exist_ok=True)
-    pipe = load_pipeline("base", device=device)
+    pipe = load_base_model(model, device=device)
     scorer = ToyWorldScorer(device=device)
     cache: dict = {}
     rows = []
@@ -136,13 +137,19 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--only", type=int, nargs="*", help="grid indices to run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="toyworld", help="model source (default: the shipped ToyWorld base)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override the base setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    grid = settings_grid(BASE, AXES)
+    base = dict(BASE)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base[key] = type(BASE[key])(value) if key in BASE else json.loads(value)
+    grid = settings_grid(base, AXES)
     if args.only:
         grid = [grid[i] for i in args.only]
     search(concept_for(args.concept), grid, args.out,
-           EvalSettings(samples_per_prompt=args.samples, steps=args.steps), args.device)
+           EvalSettings(samples_per_prompt=args.samples, steps=args.steps), args.device, args.model)
 
 
 if __name__ == "__main__":
