@@ -44,3 +44,29 @@ def ray_shutdown():
 
     yield
     ray.shutdown()
+
+
+def tiny_clip(directory=None):
+    """A tiny random CLIPModel and its word-level tokenizer (saved to ``directory`` when given)."""
+    import tempfile
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from spm_train.architectures import TINY_WORDS
+    from spm_train.toyworld.tokenizer import build_word_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_word_tokenizer(TINY_WORDS, str(directory or tmp))
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    if directory is not None:
+        model.save_pretrained(directory)
+    return model, tok

@@ -13,25 +13,10 @@ SNOOPY = ConceptSpec("snoopy", "snoopy", probes=["snoopy", "a photo of snoopy"],
 
 @pytest.fixture(scope="module")
 def clip():
-    import tempfile
+    from tests.conftest import tiny_clip
 
-    from transformers import CLIPConfig, CLIPModel
-
-    from spm_train.architectures import TINY_WORDS
-    from spm_train.toyworld.tokenizer import build_word_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = build_word_tokenizer(TINY_WORDS, tmp)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    return ClipScorer(model=CLIPModel(config), tokenizer=tok)
+    model, tok = tiny_clip()
+    return ClipScorer(model=model, tokenizer=tok)
 
 
 def _membrane(pipe, scale):

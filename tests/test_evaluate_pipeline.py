@@ -3,28 +3,14 @@
 import json
 
 import pytest
-import torch
 
 
 @pytest.fixture
 def clip_dir(tmp_path):
-    from transformers import CLIPConfig, CLIPModel
+    from tests.conftest import tiny_clip
 
-    from spm_train.architectures import TINY_WORDS
-    from spm_train.toyworld.tokenizer import build_word_tokenizer
-
-    path = tmp_path / "clip"
-    tok = build_word_tokenizer(TINY_WORDS, str(path))
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    return path
+    tiny_clip(tmp_path / "clip")
+    return tmp_path / "clip"
 
 
 def test_evaluate_pipeline_writes_the_report_with_ablations(tmp_path, clip_dir, ray_shutdown):
