@@ -94,8 +94,9 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         if version is None:
             gates = Gates.for_concept(r.concept, cfg.get("min_erasure", 0.0), cfg.get("max_preservation_drop", 1.0),
                                       cfg.get("gates"))
-            pipe = base.pipe
-            membrane, report = validate(r.membrane, unet=pipe.unet, family=family, base_fingerprint=fingerprint,
+            pipe = base.pipe if evaluator is not None else None
+            unet = pipe.unet if pipe is not None else base.skeleton_unet()
+            membrane, report = validate(r.membrane, unet=unet, family=family, base_fingerprint=fingerprint,
                                         evaluator=evaluator, pipe=pipe, concept_spec=specs.get(r.concept),
                                         gates=gates)
             trainer_dict = membrane.trainer if membrane is not None else {}
@@ -136,6 +137,7 @@ class _LazyBase:
     def __init__(self, model: Mapping[str, Any]):
         self.model = model
         self._pipe = None
+        self._skeleton = None
 
     @property
     def pipe(self):
@@ -145,5 +147,30 @@ class _LazyBase:
             self._pipe = load_base_model(self.model["source"], dtype=self.model.get("dtype", "float32"))
         return self._pipe
 
+    def skeleton_unet(self):
+        """The base UNet's modules without weights (meta device) when the base is a local diffusers folder:
+        the structural check needs layer names and shapes only, not gigabytes of weights on the driver."""
+        if self._pipe is None and self._skeleton is None:
+            self._skeleton = _meta_unet(self.model["source"])
+        if self._skeleton is not None:
+            return self._skeleton
+        return self.pipe.unet
+
     def close(self) -> None:
         self._pipe = None
+        self._skeleton = None
+
+
+def _meta_unet(source: str):
+    config = os.path.join(str(source), "unet", "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.dirname(config)))
+    except Exception as exc:  # fall back to loading the model
+        logger.warning("could not build the UNet of %s without weights (%s); loading it", source, exc)
+        return None

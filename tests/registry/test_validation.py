@@ -97,3 +97,23 @@ def test_behavioural_gates_apply_with_per_concept_overrides(tiny_pipe, base_info
     with pytest.raises(ConfigError, match="cannot import"):
         load_evaluator("spm_train.nothing_here:evaluate")
     assert json.loads(json.dumps(report.to_dict()))["status"] == FAILED
+
+
+def test_structure_is_checked_against_a_weightless_unet_of_a_local_model(tmp_path, tiny_pipe, base_info,
+                                                                       membrane_file):
+    """The driver checks layouts on a meta-device skeleton built from the folder's UNet config."""
+    from spm_train.registry.publish import _meta_unet
+
+    tiny_pipe.unet.save_config(str(tmp_path / "model" / "unet"))
+    skeleton = _meta_unet(str(tmp_path / "model"))
+    assert next(skeleton.parameters()).device.type == "meta"
+    assert _meta_unet(str(tmp_path / "not-a-model")) is None
+    _, report = validate(membrane_file("snoopy", 0), unet=skeleton, family="sd1",
+                         base_fingerprint=base_info["fingerprint"])
+    assert report.structural == PASSED
+
+    from spm_train.architectures import tiny_pipeline
+
+    tiny_pipeline("sd2").unet.save_config(str(tmp_path / "sd2" / "unet"))
+    _, report = validate(membrane_file("snoopy", 0), unet=_meta_unet(str(tmp_path / "sd2")))
+    assert report.structural == FAILED and "does not fit layer" in report.reasons[0]
