@@ -117,3 +117,39 @@ def test_structure_is_checked_against_a_weightless_unet_of_a_local_model(tmp_pat
     tiny_pipeline("sd2").unet.save_config(str(tmp_path / "sd2" / "unet"))
     _, report = validate(membrane_file("snoopy", 0), unet=_meta_unet(str(tmp_path / "sd2")))
     assert report.structural == FAILED and "does not fit layer" in report.reasons[0]
+
+
+class _HalfScorer:
+    """Sees the concept in every original and in no membrane image whose pixels moved; accuracy 1."""
+
+    def __init__(self, *args, **kwargs):
+        self.reference = None
+
+    def concept_present(self, images, concept):
+        if self.reference is None:
+            self.reference = images.clone()
+            return torch.ones(len(images))
+        return (images - self.reference).abs().flatten(1).amax(1) == 0
+
+    def prompt_accuracy(self, images, prompts):
+        return torch.ones(len(images))
+
+    def features(self, images):
+        return images.flatten(1)
+
+
+def test_the_toyworld_adapter_feeds_the_evaluation_suite_into_the_gate(tiny_pipe, base_info, membrane_file,
+                                                                        monkeypatch):
+    import spm_train.evaluate as suite
+    from spm_train.config import ConceptSpec
+
+    monkeypatch.setattr(suite, "ToyWorldScorer", _HalfScorer)
+    evaluator = load_evaluator("spm_train.registry.evaluators:toyworld",
+                               {"samples_per_prompt": 1, "steps": 1, "guidance_scale": 1.0, "transport": False})
+    spec = ConceptSpec("snoopy", "snoopy", nontarget=["a red car"])
+    _, report = validate(membrane_file("snoopy", 0), unet=tiny_pipe.unet, family="sd1",
+                         base_fingerprint=base_info["fingerprint"], evaluator=evaluator, pipe=tiny_pipe,
+                         concept_spec=spec, gates=Gates(min_erasure=0.5, max_preservation_drop=0.0))
+    assert report.metrics["erasure_rate"] == 1.0 and report.metrics["preservation_drop"] == 0.0
+    assert report.metrics["samples"] == 1.0
+    assert report.status == PASSED and report.reasons == []
