@@ -131,8 +131,7 @@ def _grid(originals, edited):
 def main(cfg: DictConfig) -> None:
     try:
         result = generate(cfg)
-    except SPMError as exc:
-        logger.error("%s", exc)
+    except SPMError as exc:  # one line, exit code 2 (as the registry CLI)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(f"membranes: {', '.join(result.refs)}")
