@@ -58,6 +58,8 @@ def test_publish_registers_validates_and_logs_to_an_offline_wandb_run(tmp_path, 
     # the offline run, read back
     assert first.wandb_run_dir.startswith(str(tmp_path / "wandb" / "offline-run-"))
     records = inspect(first.wandb_run_dir)
+    config = [r["run"]["config"]["update"] for r in records if r["type"] == "run"][0]
+    assert config["concepts"] == {"name": "t"}
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     snoopy_loss = [h["train/snoopy/loss"] for h in history if "train/snoopy/loss" in h]
     assert snoopy_loss == [2.0, 1.75, 1.5, 1.25]

@@ -21,7 +21,10 @@ FAILED = ValidationReport(structural="passed", behavioural="failed", reasons=["e
 
 
 def _writer(root, files, barrier, queue):
-    """One process: register its list of (concept, file) as fast as it can."""
+    """One process: register its list of (concept, file) as fast as it can.
+
+    Forked children must not run torch ops (a forked OpenMP pool can hang); registering needs none.
+    """
     barrier.wait()
     reg = Registry.open(root)
     out = []
@@ -35,7 +38,7 @@ def _writer(root, files, barrier, queue):
 def test_eight_processes_register_at_once_without_losing_or_duplicating_a_version(tmp_path, membrane_file):
     snoopy = [membrane_file("snoopy", s) for s in range(6)]
     others = {c: membrane_file(c, 100 + i) for i, c in enumerate(["cat", "dog", "vangogh"])}
-    Registry.open(tmp_path / "reg").close()
+    # nobody creates the registry beforehand: the eight writers also race to create the index
     # every process registers 3 snoopy files (overlapping with its neighbours) and one other concept
     plans = [[("snoopy", snoopy[(p + k) % 6]) for k in range(3)] + [(c, others[c]) for c in [list(others)[p % 3]]]
              for p in range(8)]
