@@ -117,9 +117,11 @@ def cmd_verify(args) -> int:
     with _open(args) as reg:
         problems = reg.verify()
         n = len(reg.versions())
+        orphans = len(reg.gc(dry_run=True))
     for p in problems:
         print(p)
-    print(f"{n} version(s) checked, {len(problems)} problem(s)")
+    print(f"{n} version(s) checked, {len(problems)} problem(s)"
+          + (f"; {orphans} unreferenced file(s), `gc` removes them" if orphans else ""))
     return 1 if problems else 0
 
 
