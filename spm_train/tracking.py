@@ -145,3 +145,5 @@ def open_tracker(tracking: Mapping[str, Any], *, root: str, config: Mapping[str,
         raise
     else:
         run.finish()
+    if mode == "offline":
+        logger.info("offline W&B run in %s; upload it with `wandb sync %s`", tracker.run_dir, tracker.run_dir)
