@@ -200,7 +200,7 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
     section = lambda name: OmegaConf.to_container(cfg[name], resolve=True)  # noqa: E731
     published = publish_results(
         results, concepts=plan.concepts, trainer=plan.trainer, model=plan.model, family=plan.family,
-        base_fingerprint=plan.base_fingerprint, registry=section("registry"), tracking=section("tracking"),
+        base_fingerprint=plan.base_fingerprint, registry=_registry_section(cfg), tracking=section("tracking"),
         root=cfg.paths.root, run_dir=run_dir, run_name=f"{cfg.concepts.name}-{os.path.basename(run_dir)}",
         run_config={k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")})
     logger.info("registry %s: %d new version(s) of %d; W&B run %s", published.registry, len(published.new),
@@ -218,6 +218,20 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
                          versions={k: v.ref for k, v in published.versions.items()}, report=report)
     _write_summary(summary)
     return summary
+
+
+def _registry_section(cfg: DictConfig) -> dict:
+    """The registry config; without an evaluator of its own the behavioural gate uses the eval config's."""
+    registry = OmegaConf.to_container(cfg.registry, resolve=True)
+    if registry.get("evaluator") is None and cfg.eval.enabled and cfg.eval.kind in ("toyworld", "clip"):
+        e = cfg.eval
+        options = dict(samples_per_prompt=e.samples_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
+                       seed=e.seed, batch_size=e.batch_size, similarity=e.similarity, threshold=e.threshold)
+        if e.kind == "clip":
+            options["clip_path"] = e.clip_path
+        registry["evaluator"] = f"spm_train.registry.evaluators:{e.kind}"
+        registry["evaluator_options"] = {**options, **(registry.get("evaluator_options") or {})}
+    return registry
 
 
 def _evaluate(cfg: DictConfig, plan: RunPlan, results: list[ConceptResult], run_dir: str) -> str | None:

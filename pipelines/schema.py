@@ -95,9 +95,9 @@ class EvalConfig:
     guidance_scale: float = 3.0
     seed: int = 0
     batch_size: int = 64
-    # facilitated transport's embedding term: "paper" (flattened cosine) or "content" (calibrated)
-    similarity: str = "paper"
-    threshold: float = 0.7
+    # facilitated transport's embedding term: "content" (calibrated) or "paper" (flattened cosine)
+    similarity: str = "content"
+    threshold: float = 0.85
     # also train each concept without latent anchoring, for the paper's ablation
     ablation: bool = False
 

@@ -40,8 +40,8 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 64
     transport: bool = True
-    similarity: str = "paper"  # facilitated transport's embedding term (see transport.permeability)
-    threshold: float = 0.7
+    similarity: str = "content"  # facilitated transport's embedding term (see transport.permeability)
+    threshold: float = 0.85
 
 
 class Scorer(Protocol):
