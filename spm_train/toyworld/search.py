@@ -44,10 +44,10 @@ AXES = {
 }
 
 
-def concept_for(name: str, guidance_scale: float = 3.0) -> ConceptSpec:
+def concept_for(name: str, guidance_scale: float = 5.0) -> ConceptSpec:
     """A ToyWorld concept with probe prompts that show it and non-target prompts of the same kind.
 
-    ``guidance_scale`` 3 (the erase loss's g): a tiny model's conditional and unconditional predictions
+    ``guidance_scale`` 5 (the erase loss's g): a tiny model's conditional and unconditional predictions
     differ little, so the paper's g = 1 moves generations too little (README, "Erasure on ToyWorld").
     """
     for kind, values in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
