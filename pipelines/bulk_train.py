@@ -267,24 +267,17 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _short(path: str | None) -> str:
-    if not path:
-        return "-"
-    if "://" in path:
-        return path
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("../..") else path
-
-
 def summary_rows(summary: RunSummary) -> list[list[str]]:
     rows = []
     for r in summary.results:
+        where = summary.versions.get(r.key) or r.key[:12]
         rows.append([r.concept, r.point_id, r.status, _fmt(r.loss), _fmt(r.erase), _fmt(r.anchor),
-                     r.error if r.error else _short(r.membrane), f"{r.seconds:.1f}s"])
+                     r.error if r.error else where, f"{r.seconds:.1f}s"])
     return rows
 
 
-HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "membrane / error", "wall"]
+# membrane paths are in manifest.json; the table names the registry version (or the result key)
+HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "version / error", "wall"]
 
 
 def _write_summary(summary: RunSummary) -> None:
