@@ -20,15 +20,16 @@ def _max_diff(a, b):
 
 
 def test_a_pack_trains_each_membrane_as_separate_runs_would():
-    """Same per-concept draws -> same weights. In fp64: Adam's normalisation turns fp32 rounding in
-    near-zero gradients into visible steps, which is noise, not a difference of algorithm."""
+    """Same per-concept draws -> same weights. Trained in fp64: Adam's normalisation turns fp32 rounding in
+    near-zero gradients into visible steps, which is noise, not a difference of algorithm. Membranes are
+    exported in fp32, so equal fp64 weights agree to fp32 resolution."""
     pipe = tiny_pipeline("sd1").to(torch.float64)
     cfg = SMOKE.replace(iterations=2, max_denoising_steps=3)  # down weights first move at step 2 (up starts at 0)
     pack = train_membranes(pipe, [CAT, VAN], cfg, progress=False)
     for membrane, spec in zip(pack.membranes, [CAT, VAN]):
         alone = train_membranes(pipe, [spec], cfg, progress=False).membranes[0]
         assert membrane.name == spec.name
-        assert _max_diff(membrane, alone) < 1e-9
+        assert _max_diff(membrane, alone) < 1e-6  # exported in fp32; a real difference shows at lr scale (1e-2)
         moved = max(alone.weights[k][1].abs().max().item() for k in alone.weights)
         assert moved > 1e-3  # and the membranes did train
     by_step = {(r["concept"], r["step"]): r["loss"] for r in pack.history}
@@ -40,7 +41,7 @@ def test_micro_batches_give_the_same_weights():
     cfg = SMOKE.replace(iterations=2, max_denoising_steps=2)
     whole = train_membranes(pipe, [CAT], cfg, progress=False)
     chunked = train_membranes(pipe, [CAT], cfg.replace(micro_batch=2), progress=False)
-    assert _max_diff(whole.membranes[0], chunked.membranes[0]) < 1e-9
+    assert _max_diff(whole.membranes[0], chunked.membranes[0]) < 1e-6  # fp32 export of fp64 training
     assert [r["loss"] for r in whole.history] == pytest.approx([r["loss"] for r in chunked.history], rel=1e-9)
 
 
