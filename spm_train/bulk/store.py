@@ -13,7 +13,6 @@ This is the hand-off point to the registry stage, which reads results from here.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,7 +91,3 @@ def write_json(url: str, payload: Any) -> str:
         with open(tmp, "w") as fh:
             json.dump(payload, fh, indent=1, sort_keys=True, default=str)
     return url
-
-
-def local_path(url: str) -> str:
-    return os.path.abspath(url) if "://" not in url else url
