@@ -58,12 +58,11 @@ def test_base_generations_reproduce_the_build_measurement(base_quality):
         assert base_quality[head] >= _loosened(full[head], base_quality["n"]) - 0.02, (head, base_quality, full)
 
 
+@pytest.mark.xfail(strict=True, reason="the shipped base draws shapes at 0.59 (bar 0.90; README, ToyWorld); "
+                                       "strict: a model that meets the bar turns this into a failure to remove the mark")
 def test_base_generations_meet_the_quality_bar(base_quality):
     full = json.loads((ASSETS / "quality.json").read_text())["base"]
-    missed = {h: full[h] for h, bar in QUALITY_BAR.items() if full[h] < bar}
-    if missed:
-        pytest.xfail(f"the shipped model misses the quality bar {QUALITY_BAR} in its full-size build "
-                     f"measurement ({full['n']} generations): {missed}")
+    assert {h: full[h] for h, bar in QUALITY_BAR.items() if full[h] < bar} == {}, full
     for head, bar in QUALITY_BAR.items():
         assert base_quality[head] >= _loosened(bar, base_quality["n"]), (head, base_quality)
 
