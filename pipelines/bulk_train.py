@@ -222,14 +222,16 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
 
 def _registry_section(cfg: DictConfig) -> dict:
     """The registry config; without an evaluator of its own the behavioural gate uses the eval config's."""
+    from dataclasses import asdict
+
+    from pipelines.evaluate import settings_from
+
     registry = OmegaConf.to_container(cfg.registry, resolve=True)
     if registry.get("evaluator") is None and cfg.eval.enabled and cfg.eval.kind in ("toyworld", "clip"):
-        e = cfg.eval
-        options = dict(samples_per_prompt=e.samples_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
-                       seed=e.seed, batch_size=e.batch_size, similarity=e.similarity, threshold=e.threshold)
-        if e.kind == "clip":
-            options["clip_path"] = e.clip_path
-        registry["evaluator"] = f"spm_train.registry.evaluators:{e.kind}"
+        options = asdict(settings_from(cfg))
+        if cfg.eval.kind == "clip":
+            options["clip_path"] = cfg.eval.clip_path
+        registry["evaluator"] = f"spm_train.registry.evaluators:{cfg.eval.kind}"
         registry["evaluator_options"] = {**options, **(registry.get("evaluator_options") or {})}
     return registry
 

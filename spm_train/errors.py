@@ -1,6 +1,12 @@
 """Exceptions raised by the library: each names the problem in one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class SPMError(Exception):
     """Base class of every error this library raises on purpose."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, UnsupportedModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_pipeline(path: str, *, torch_dtype: torch.dtype | None = None, device: 
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         where = "local folder" if local else "hub id (the hub may be unreachable from here)"
         raise ModelLoadError(f"could not load base model {path!r} as a {where}: {reason}") from None
     if hasattr(pipe, "safety_checker"):

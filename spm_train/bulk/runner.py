@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import ClusterError
+from ..errors import ClusterError, first_line
 from .plan import Job
 from .store import ConceptResult, ResultStore
 
@@ -64,7 +64,7 @@ def connect(options: ClusterOptions):
     try:
         ray.init(address=address, **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same problem
-        raise ClusterError(f"cannot join the Ray cluster at {address!r}: {_first_line(exc)}") from None
+        raise ClusterError(f"cannot join the Ray cluster at {address!r}: {first_line(exc)}") from None
     return ray
 
 
@@ -82,11 +82,6 @@ def check_reachable(options: ClusterOptions) -> None:
             pass
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_base(model: dict):
@@ -264,7 +259,7 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
                     cause = getattr(exc, "cause", None) or exc
                     if len(job.tasks) > 1:
                         logger.warning("pack %s failed (%s); retrying its %d concepts one by one",
-                                       job.job_id[:8], _first_line(cause), len(job.tasks))
+                                       job.job_id[:8], first_line(cause), len(job.tasks))
                         for single in job.split():
                             bars.add(single)
                             pending[submit(single)] = single
@@ -278,7 +273,7 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
 
 
 def _failed(job: Job, exc: BaseException) -> list[ConceptResult]:
-    message = f"{type(exc).__name__}: {_first_line(exc)}"
+    message = f"{type(exc).__name__}: {first_line(exc)}"
     logger.error("job %s (%s) failed: %s", job.job_id[:8], ", ".join(job.names), message)
     return [ConceptResult(concept=t.concept.name, key=t.key, point=t.point, point_id=t.point_id, status="failed",
                           job_id=job.job_id, error=message) for t in job.tasks]
