@@ -38,6 +38,8 @@ class BenchmarkConfig:
     baseline: bool = True
     fast_precision: Optional[str] = None
     micro_batch: int = 0
+    baseline_iterations: Optional[int] = None
+    fit_pack: bool = False
     flops: bool = True
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     jobs: int = 1000
@@ -66,12 +68,24 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     trainer = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
     pipe = load_base_model(cfg.model.source, dtype=cfg.model.dtype, device=device)
-    rows = run_benchmark(pipe, trainer, list(cfg.packs), iterations=cfg.iterations, warmup=cfg.warmup,
+    packs, fitted, skipped = list(cfg.packs), None, []
+    if cfg.fit_pack:
+        from spm_train.packing import fit_pack_size
+
+        fast = trainer.replace(precision=cfg.fast_precision or ("bf16" if device == "cuda" else "fp32"),
+                               micro_batch=cfg.micro_batch)
+        fitted = fit_pack_size(pipe, fast)
+        if fitted is None:
+            logger.info("fit_pack: no accelerator memory to fit on %s", device)
+        elif fitted not in packs:
+            packs.append(fitted)
+    rows = run_benchmark(pipe, trainer, packs, iterations=cfg.iterations, warmup=cfg.warmup,
                          baseline=cfg.baseline, fast_precision=cfg.fast_precision, micro_batch=cfg.micro_batch,
-                         count_flops=cfg.flops)
+                         count_flops=cfg.flops, baseline_iterations=cfg.baseline_iterations, skipped=skipped)
     print(format_table(rows))
     return {"mode": "training", "model": cfg.model.source, "device": device, "machine": machine(),
-            "trainer": trainer.to_dict(), "rows": [r.to_dict() for r in rows]}
+            "trainer": trainer.to_dict(), "fitted_pack_size": fitted, "skipped": skipped,
+            "rows": [r.to_dict() for r in rows]}
 
 
 def orchestration_benchmark(cfg: DictConfig) -> dict[str, Any]:

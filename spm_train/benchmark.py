@@ -82,8 +82,14 @@ def _concepts(k: int) -> list[ConceptSpec]:
 
 def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8), *, iterations: int = 5,
                   warmup: int = 1, baseline: bool = True, fast_precision: str | None = None,
-                  micro_batch: int = 0, count_flops: bool = True) -> list[Measurement]:
-    """Time the paper's loop (K = 1, fp32) and the packed fast path at each K, on ``pipe``'s device."""
+                  micro_batch: int = 0, count_flops: bool = True, baseline_iterations: int | None = None,
+                  skipped: list[dict] | None = None) -> list[Measurement]:
+    """Time the paper's loop (K = 1, fp32) and the packed fast path at each K, on ``pipe``'s device.
+
+    ``baseline_iterations`` (default ``iterations``): the paper's loop draws one trajectory length per
+    iteration, so it needs more iterations than a pack (which averages K draws) for the same noise.
+    A pack size that runs out of accelerator memory is left out and reported in ``skipped``.
+    """
     device = pipe.unet.device
     fast_precision = fast_precision or ("bf16" if device.type == "cuda" else "fp32")
     rows: list[Measurement] = []
@@ -101,7 +107,8 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     if baseline:
         loop = PaperLoop(pipe, _concepts(1)[0], trainer.replace(precision="fp32"))
         try:
-            record("paper loop", 1, "fp32", *_measure(loop.step, loop, device, iterations, warmup, count_flops))
+            record("paper loop", 1, "fp32", *_measure(loop.step, loop, device, baseline_iterations or iterations,
+                                                      warmup, count_flops))
         finally:
             loop.close()
     for k in packs:
@@ -110,8 +117,14 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
         try:
             record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
                                                           count_flops))
+        except torch.cuda.OutOfMemoryError as exc:
+            logger.warning("pack of %d left out: out of accelerator memory (%s)", k, str(exc).splitlines()[0])
+            if skipped is not None:
+                skipped.append({"pack_size": k, "reason": "out of memory"})
         finally:
             pack.close()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if baseline:
         base = rows[0].concepts_per_hour
         for row in rows:

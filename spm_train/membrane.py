@@ -132,6 +132,7 @@ class Router:
         self.slot_scale = slot_scale
         self.num_membranes = int(slot_owner.max().item()) + 1 if slot_owner.numel() else 0
         self.weights: torch.Tensor | None = None
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set(self, gamma: torch.Tensor | None) -> None:
         if gamma is None:
@@ -144,8 +145,14 @@ class Router:
             raise ValueError(
                 f"permeability must have shape [batch, {self.num_membranes}], got {tuple(gamma.shape)}"
             )
-        owner = self.slot_owner.to(gamma.device)
-        self.weights = gamma.index_select(1, owner) * self.slot_scale.to(gamma.device, gamma.dtype)
+        owner, scale = self.slot_tensors(gamma.device)
+        self.weights = gamma.index_select(1, owner) * scale.to(gamma.dtype)
+
+    def slot_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``slot_owner`` and ``slot_scale`` on ``device``, copied there once rather than at every call."""
+        if self._on_device is None or self._on_device[0].device != device:
+            self._on_device = (self.slot_owner.to(device), self.slot_scale.to(device))
+        return self._on_device
 
     def weights_for(self, batch: int) -> torch.Tensor | None:
         w = self.weights
@@ -179,15 +186,16 @@ class MembraneLayer(nn.Module):
         w = self.router.weights_for(x.shape[0])
         if w is None:
             return y
-        xm = x.to(self.down.dtype)
+        # under autocast the branch runs in the autocast dtype anyway; otherwise in the membranes' dtype
+        xm = x if torch.is_autocast_enabled(x.device.type) else x.to(self.down.dtype)
         if self.is_conv:
             conv = self.base_layer
             h = F.conv2d(xm, self.down, None, conv.stride, conv.padding, conv.dilation)
-            h = h * w.to(h.dtype)[:, :, None, None]
+            h = h * w.to(h.device, h.dtype)[:, :, None, None]
             delta = F.conv2d(h, self.up)
         else:
             h = F.linear(xm, self.down)
-            h = h * w.to(h.dtype).view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
+            h = h * w.to(h.device, h.dtype).view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
             delta = F.linear(h, self.up)
         return y + delta.to(y.dtype)
 
@@ -339,21 +347,28 @@ class MembraneBank:
         return total * self.specs[index].rank
 
     # -- routing -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the membranes live (the UNet's device, also after the pipeline was moved)."""
+        return next(iter(self.layers.values())).down.device
+
+    def _on_device(self, gamma: torch.Tensor | None) -> torch.Tensor | None:
+        return None if gamma is None else torch.as_tensor(gamma).to(self.device)
+
     def set_permeability(self, gamma: torch.Tensor | None) -> None:
         """``gamma``: ``[batch, membranes]`` (or ``[membranes]`` for every sample); None closes all."""
-        self.router.set(gamma)
+        self.router.set(self._on_device(gamma))
 
     def route(self, owners: torch.Tensor) -> None:
         """Open for each sample only its own membrane: ``owners[b]`` is a membrane index or -1 for none."""
-        owners = torch.as_tensor(owners)
-        gamma = F.one_hot(owners.clamp(min=0), self.num_membranes).float()
-        gamma = gamma * (owners >= 0).unsqueeze(1).float()
-        self.router.set(gamma)
+        owners = self._on_device(owners)
+        membranes = torch.arange(self.num_membranes, device=owners.device)
+        self.router.set((owners.unsqueeze(1) == membranes).float())  # -1 matches no membrane
 
     @contextlib.contextmanager
     def permeability(self, gamma: torch.Tensor | None) -> Iterator[None]:
         previous = self.router.weights
-        self.router.set(gamma)
+        self.router.set(self._on_device(gamma))
         try:
             yield
         finally:

@@ -224,7 +224,10 @@ def load_base_model(source: str, *, dtype: str = "float32", device: str | torch.
         from .architectures import full_pipeline, tiny_pipeline
 
         kind, name = source.split(":", 1)
-        pipe = full_pipeline(name, dtype=torch_dtype) if kind == "arch" else tiny_pipeline(name).to(torch_dtype)
+        if kind == "arch":  # initialised where it will run: random init of a full UNet is slow on a CPU
+            pipe = full_pipeline(name, device=device or "cpu", dtype=torch_dtype)
+        else:
+            pipe = tiny_pipeline(name).to(torch_dtype)
         pipe.set_progress_bar_config(disable=True)
     elif source in ("toyworld", "toyworld:base", "toyworld:variant"):
         from . import toyworld

@@ -33,6 +33,14 @@ class DDIMSchedule:
             scheduler=sched,
         )
 
+    def _alphas_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device``: copied once, so that stepping never waits on a host copy."""
+        cache = self.__dict__.setdefault("_alphas_cache", {})
+        key = (device, dtype)
+        if key not in cache:
+            cache[key] = self.alphas_cumprod.to(device, dtype)
+        return cache[key]
+
     def timesteps(self, num_steps: int) -> list[int]:
         """The ``num_steps`` DDIM timesteps, spaced as the base model's scheduler config says."""
         self.scheduler.set_timesteps(num_steps)
@@ -46,7 +54,7 @@ class DDIMSchedule:
     def step(self, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, num_steps: int) -> torch.Tensor:
         """One deterministic DDIM step (eta 0) from timesteps ``t`` (one per sample) to ``t - ratio``."""
         ratio = self.num_train_timesteps // num_steps
-        ac = self.alphas_cumprod.to(sample.device, sample.dtype)
+        ac = self._alphas_on(sample.device, sample.dtype)
         prev = t - ratio
         a_t = ac[t].view(-1, *[1] * (sample.dim() - 1))
         a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)],

@@ -126,6 +126,7 @@ class PackTrainer:
         self._setup_optimizer()
         self.step = 0
         self.history: list[dict] = []
+        self._layout: dict | None = None
 
     # -- setup ---------------------------------------------------------------------------
     def _setup_concepts(self, concepts: Sequence[ConceptSpec]) -> None:
@@ -259,7 +260,8 @@ class PackTrainer:
             active = [k for k, t_to in enumerate(t_tos) if t_to > i]
             x = torch.cat([latents[k] for k in active])
             n = x.shape[0]
-            owners = torch.cat([torch.full((cfg.batch_size,), k, dtype=torch.long) for k in active])
+            owners = torch.cat([torch.full((cfg.batch_size,), k, dtype=torch.long, device=self.device)
+                                for k in active])
             cond = PromptEmbeds.cat([self.concepts[k].target.repeat(cfg.batch_size) for k in active])
             embeds = PromptEmbeds.cat([self.uncond.repeat(n), cond])
             t = torch.full((2 * n,), self.trajectory[i], device=self.device, dtype=torch.long)
@@ -273,48 +275,65 @@ class PackTrainer:
                 latents[k] = x[j * cfg.batch_size:(j + 1) * cfg.batch_size]
         return latents
 
+    def _sample_layout(self) -> dict[str, torch.Tensor]:
+        """Per-sample constants of the membrane-on batch, built once on the device: which membrane each
+        sample trains (``owner``), its loss weight, and its slot in the per-concept [erase, anchor] sums."""
+        if self._layout is None:
+            cfg, dev, B = self.cfg, self.device, self.cfg.batch_size
+            numel = math.prod(self.latent_shape)
+            owner, weight, kind, divisor = [], [], [], []
+            for k, c in enumerate(self.concepts):
+                na = c.num_anchors
+                owner += [k] * (B + na)
+                weight += [1.0 / (B * numel)] * B + [cfg.la_strength / (max(na, 1) * numel)] * na
+                kind += [0] * B + [1] * na
+                divisor.append(cfg.la_strength if na else 1.0)
+            owner_t = torch.tensor(owner, device=dev)
+            self._layout = {
+                "owner": owner_t,
+                "weight": torch.tensor(weight, device=dev, dtype=self.compute_dtype),
+                "slot": owner_t * 2 + torch.tensor(kind, device=dev),
+                "anchor_divisor": torch.tensor(divisor, device=dev, dtype=self.compute_dtype),
+                "anchor_rows": {na: torch.arange(na, device=dev) % B for na in {c.num_anchors for c in self.concepts}},
+            }
+        return self._layout
+
     def _train_step(self) -> torch.Tensor:
         cfg = self.cfg
+        layout = self._sample_layout()
         draws = self._draw()
         latents = self._trajectories(draws)
-        B = cfg.batch_size
-        off_embeds, on_embeds, on_owner = [], [], []
+        B, dev = cfg.batch_size, self.device
+        off_embeds, on_embeds = [], []
         off_x, off_t, on_x, on_t = [], [], [], []
-        for k, (c, (t_to, _, anchors), x) in enumerate(zip(self.concepts, draws, latents)):
+        for c, (t_to, _, anchors), x in zip(self.concepts, draws, latents):
             t = self.schedule.train_timestep(t_to, cfg.max_denoising_steps)
             na = c.num_anchors
-            ax = x[torch.arange(na) % B] if na else x[:0]
+            ax = x[layout["anchor_rows"][na]]
             # membrane off: positive, neutral, anchors
             off_x += [x, x, ax]
             off_embeds += [c.positive.repeat(B), c.neutral.repeat(B)] + ([anchors] if na else [])
-            off_t.append(torch.full((2 * B + na,), t, dtype=torch.long))
+            off_t.append(torch.full((2 * B + na,), t, dtype=torch.long, device=dev))
             # membrane on: target, anchors
             on_x += [x, ax]
             on_embeds += [c.target.repeat(B)] + ([anchors] if na else [])
-            on_t.append(torch.full((B + na,), t, dtype=torch.long))
-            on_owner.append(torch.full((B + na,), k, dtype=torch.long))
-        dev = self.device
+            on_t.append(torch.full((B + na,), t, dtype=torch.long, device=dev))
         with torch.no_grad():
             self.bank.set_permeability(None)
             with self.autocast:
-                off = self.model.predict(torch.cat(off_x), torch.cat(off_t).to(dev),
-                                         PromptEmbeds.cat(off_embeds), self.resolution).to(self.compute_dtype)
-        # goals and weights of every membrane-on sample: sum_i w_i |eps_on_i - goal_i|^2 is the pack's loss
-        goals, weights, kinds = [], [], []
+                off = self.model.predict(torch.cat(off_x), torch.cat(off_t), PromptEmbeds.cat(off_embeds),
+                                         self.resolution).to(self.compute_dtype)
+        # goals of every membrane-on sample: sum_i w_i |eps_on_i - goal_i|^2 is the pack's loss
+        goals = []
         off_i = 0
-        numel = off[0].numel()
         for c in self.concepts:
             na = c.num_anchors
             pos, neu = off[off_i:off_i + B], off[off_i + B:off_i + 2 * B]
             g = c.spec.guidance_scale
             goals += [neu - g * (pos - neu), off[off_i + 2 * B:off_i + 2 * B + na]]
-            weights += [1.0 / (B * numel)] * B + [cfg.la_strength / (max(na, 1) * numel)] * na
-            kinds += [0] * B + [1] * na
             off_i += 2 * B + na
-        goal = torch.cat(goals)
-        weight = torch.tensor(weights, device=dev, dtype=self.compute_dtype)
-        owner = torch.cat(on_owner)
-        x_on, t_on, e_on = torch.cat(on_x), torch.cat(on_t).to(dev), PromptEmbeds.cat(on_embeds)
+        goal, weight, owner = torch.cat(goals), layout["weight"], layout["owner"]
+        x_on, t_on, e_on = torch.cat(on_x), torch.cat(on_t), PromptEmbeds.cat(on_embeds)
         n = x_on.shape[0]
         chunk = cfg.micro_batch or n
         sq = torch.zeros(n, device=dev, dtype=self.compute_dtype)
@@ -333,13 +352,10 @@ class PackTrainer:
         self.bank.set_permeability(None)
 
         # per-concept [loss, erase, anchor], without leaving the device
-        kind = torch.tensor(kinds, device=dev)
-        index = owner.to(dev) * 2 + kind
         parts = torch.zeros(2 * len(self.concepts), device=dev, dtype=self.compute_dtype)
-        parts.index_add_(0, index, sq * weight)
+        parts.index_add_(0, layout["slot"], sq * weight)
         parts = parts.view(-1, 2)
-        anchor = parts[:, 1] / torch.tensor([cfg.la_strength if c.num_anchors else 1.0 for c in self.concepts],
-                                            device=dev, dtype=self.compute_dtype)
+        anchor = parts[:, 1] / layout["anchor_divisor"]
         losses = torch.stack([parts.sum(1), parts[:, 0], anchor], dim=1)
         if self.engine is not None:
             self.engine.step()  # reduce, clip, AdamW, schedule, zero
@@ -374,7 +390,7 @@ class PackTrainer:
         """Clip each membrane's gradient to its own norm, as K separate runs would."""
         if not self.cfg.max_grad_norm:
             return
-        owner = self.bank.router.slot_owner.to(self.device)
+        owner = self.bank.router.slot_tensors(self.device)[0]
         per_slot = torch.zeros(owner.numel(), device=self.device)
         layers = list(self.bank.layers.values())
         for layer in layers:

@@ -404,6 +404,8 @@ def _parse(argv=None) -> BuildConfig:
     p.add_argument("--steps", type=int, default=BuildConfig.steps, help="UNet training steps (upper bound)")
     p.add_argument("--unet-minutes", type=float, default=BuildConfig.unet_minutes,
                    help="time budget for UNet training; the step plan is fitted to it (0: no budget)")
+    p.add_argument("--batch", type=int, default=BuildConfig.batch, help="UNet training batch")
+    p.add_argument("--lr", type=float, default=BuildConfig.lr, help="UNet + text encoder peak learning rate")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default). On a shared 2-core machine use 1, or set "
@@ -413,7 +415,7 @@ def _parse(argv=None) -> BuildConfig:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     cfg = BuildConfig(out=a.out, work_dir=a.work_dir, seed=a.seed, device=a.device, steps=a.steps,
-                      unet_minutes=a.unet_minutes)
+                      unet_minutes=a.unet_minutes, batch=a.batch, lr=a.lr)
     if a.smoke:
         cfg = BuildConfig(out=a.out, work_dir=a.work_dir, seed=a.seed, device=a.device, pool_size=600,
                           classifier_steps=10, vae_steps=10, decoder_steps=5, steps=min(a.steps, 40),

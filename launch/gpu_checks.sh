@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GPU checks for a node with one CUDA device, in one go:
+#   1. the throughput benchmark on the SD 1.5 architecture at 512 px (paper loop vs packs, same process);
+#   2. the GPU test subset (tests/test_gpu.py: pack = separate runs on CUDA, no host syncs in an iteration,
+#      bf16 losses, fitted pack size, transport on CUDA, ToyWorld erasure on the bf16 fast path);
+#   3. the ToyWorld benchmark;
+#   4. optionally (BUILD_MINUTES > 0) a ToyWorld build on the GPU, packed as tarballs, in what is left of
+#      TOTAL_SECONDS when set.
+#
+#   bash launch/gpu_checks.sh [OUT_DIR]            # default runs/gpu_checks
+#
+# Each stage has its own time limit and a failing stage does not stop the next; the exit status is the
+# number of failed stages. Writes checks.log, benchmark_sd15.json, benchmark_toyworld.json and, with a
+# build, build.log, quality.json, toyworld_base.tar and toyworld_variant.tar into OUT_DIR.
+set -uo pipefail
+
+out=$(mkdir -p "${1:-runs/gpu_checks}" && cd "${1:-runs/gpu_checks}" && pwd)
+python=${PYTHON:-python3}
+scratch=${SCRATCH:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TQDM_DISABLE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=0
+log="$out/checks.log"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$log"
+  local start=$SECONDS
+  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$log"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+$python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
+  | tee -a "$log"
+
+stage "benchmark: SD 1.5 architecture, 512 px" "${BENCH_SECONDS:-240}" \
+  $python -m pipelines.benchmark model.source=arch:sd15 trainer.resolution=512 "packs=${PACKS:-[1,8,16,32]}" \
+  iterations=3 warmup=1 baseline_iterations=8 micro_batch=32 \
+  out="$out/benchmark_sd15.json" hydra.run.dir="$scratch/hydra_sd15"
+
+stage "GPU tests" "${TEST_SECONDS:-150}" \
+  $python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+
+stage "benchmark: ToyWorld" "${TOY_SECONDS:-60}" \
+  $python -m pipelines.benchmark packs=[1,8,32] iterations=5 baseline_iterations=10 \
+  out="$out/benchmark_toyworld.json" hydra.run.dir="$scratch/hydra_toyworld"
+
+# The build gets what is left of TOTAL_SECONDS (if set): about 150 s of it go to rendering, the VAE and
+# the quality measurements, the rest (up to BUILD_MINUTES) to the UNet.
+left=$(( ${TOTAL_SECONDS:-100000} - SECONDS ))
+unet_minutes=$($python -c "print(round(min(float('${BUILD_MINUTES:-0}'), ($left - 150) / 60), 2))")
+if $python -c "import sys; sys.exit(not float('$unet_minutes') >= 1)"; then
+  assets="$scratch/toyworld_assets"
+  mkdir -p "$assets" && cp -r spm_train/toyworld/assets/classifier "$assets/"  # the shipped classifier scores it
+  stage "ToyWorld build on the GPU" "$left" \
+    $python -m spm_train.toyworld.build --device cuda --out "$assets" --work-dir "$scratch/toyworld_work" \
+    --unet-minutes "$unet_minutes" --steps 40000 --batch "${BUILD_BATCH:-512}" --lr "${BUILD_LR:-8e-4}"
+  grep -v "it/s\]" "$log" | sed -n '/=== ToyWorld build/,$p' > "$out/build.log"
+  [ -f "$assets/quality.json" ] && cp "$assets/quality.json" "$out/"
+  [ -d "$assets/base" ] && tar -C "$assets" -cf "$out/toyworld_base.tar" base
+  [ -d "$assets/variant" ] && tar -C "$assets" -cf "$out/toyworld_variant.tar" variant
+fi
+
+echo "=== done: $failed failed stage(s)" | tee -a "$log"
+exit "$failed"
