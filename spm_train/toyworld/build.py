@@ -61,6 +61,9 @@ class BuildConfig:
     variant_pool: int = 20_000
     guidance: float = 3.0
     sampling_steps: int = 25
+    # The generative model learns upright shapes turned by at most this much (degrees); the classifier
+    # learns every orientation. Full turns cost the 8x8-latent UNet its corners (squares drawn as circles).
+    max_rotation: float | None = 12.0
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -115,10 +118,11 @@ class _EMA:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _setup_pool(cfg: BuildConfig):
+def _setup_pool(cfg: BuildConfig, max_rotation: float | None = None):
     t0 = time.time()
-    images, _, scenes = make_batch(cfg.pool_size, seed=cfg.seed)
-    log.info("rendered a pool of %d scenes in %.0f s", len(scenes), time.time() - t0)
+    images, _, scenes = make_batch(cfg.pool_size, seed=cfg.seed, max_rotation=max_rotation)
+    log.info("rendered a pool of %d scenes (rotation %s) in %.0f s", len(scenes),
+             "any" if max_rotation is None else f"within {max_rotation} degrees", time.time() - t0)
     return images, scenes
 
 
@@ -322,7 +326,7 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
 def _stage_variant(cfg: BuildConfig, base_unet, text_encoder, vae, tokenizer, work: Path):
     """Briefly fine-tune a copy of the base UNet on a shifted palette (text encoder frozen)."""
     images, _, scenes = make_batch(cfg.variant_pool, seed=cfg.seed + 20_000, palette=VARIANT_COLOUR_RGB,
-                                   backgrounds=VARIANT_BACKGROUNDS)
+                                   backgrounds=VARIANT_BACKGROUNDS, max_rotation=cfg.max_rotation)
     mean, std = _encode_pool(vae, images, cfg.device)
     unet = copy.deepcopy(base_unet).train().requires_grad_(True)
     text_encoder = text_encoder.eval().requires_grad_(False)
@@ -352,6 +356,8 @@ def build(cfg: BuildConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     images, scenes = _setup_pool(cfg)
     classifier = _stage_classifier(cfg, images, scenes, out)
+    if cfg.max_rotation is not None:  # the generative pool: same seed, orientations near upright
+        images, scenes = _setup_pool(cfg, cfg.max_rotation)
     vae = _stage_vae(cfg, images, scenes, classifier, work)
     tokenizer = make_tokenizer(work / "tokenizer")
     mean, std = _encode_pool(vae, images, cfg.device)
@@ -406,6 +412,8 @@ def _parse(argv=None) -> BuildConfig:
                    help="time budget for UNet training; the step plan is fitted to it (0: no budget)")
     p.add_argument("--batch", type=int, default=BuildConfig.batch, help="UNet training batch")
     p.add_argument("--lr", type=float, default=BuildConfig.lr, help="UNet + text encoder peak learning rate")
+    p.add_argument("--max-rotation", type=float, default=BuildConfig.max_rotation,
+                   help="degrees either way from upright in the generative pool (negative: any orientation)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default). On a shared 2-core machine use 1, or set "
@@ -415,7 +423,8 @@ def _parse(argv=None) -> BuildConfig:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     cfg = BuildConfig(out=a.out, work_dir=a.work_dir, seed=a.seed, device=a.device, steps=a.steps,
-                      unet_minutes=a.unet_minutes, batch=a.batch, lr=a.lr)
+                      unet_minutes=a.unet_minutes, batch=a.batch, lr=a.lr,
+                      max_rotation=None if a.max_rotation < 0 else a.max_rotation)
     if a.smoke:
         cfg = BuildConfig(out=a.out, work_dir=a.work_dir, seed=a.seed, device=a.device, pool_size=600,
                           classifier_steps=10, vae_steps=10, decoder_steps=5, steps=min(a.steps, 40),

@@ -76,8 +76,12 @@ class Scene:
         return asdict(self)
 
 
-def random_scene(rng: np.random.Generator, **fixed) -> Scene:
-    """A random scene; keyword arguments (e.g. ``shape="star"``) fix attributes instead of sampling them."""
+def random_scene(rng: np.random.Generator, max_rotation: float | None = None, **fixed) -> Scene:
+    """A random scene; keyword arguments (e.g. ``shape="star"``) fix attributes instead of sampling them.
+
+    ``max_rotation`` (degrees): shapes turned by at most that much either way from upright; None draws
+    any orientation (over the shape's symmetry period).
+    """
     unknown = set(fixed) - set(Scene.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown scene fields {sorted(unknown)}; known: {list(Scene.__dataclass_fields__)}")
@@ -93,7 +97,8 @@ def random_scene(rng: np.random.Generator, **fixed) -> Scene:
     margin = size / 2 + 1.0
     x = float(fixed.get("x", rng.uniform(margin, IMAGE_SIZE - margin)))
     y = float(fixed.get("y", rng.uniform(margin, IMAGE_SIZE - margin)))
-    rotation = float(fixed.get("rotation", rng.uniform(0.0, _ROTATION_PERIOD[shape])))
+    turn = (0.0, _ROTATION_PERIOD[shape]) if max_rotation is None else (-max_rotation, max_rotation)
+    rotation = float(fixed.get("rotation", rng.uniform(*turn)))
     return Scene(shape, colour, style, background, x, y, size, rotation)
 
 
@@ -218,16 +223,17 @@ def render(scene: Scene, palette: dict | None = None) -> np.ndarray:
 
 
 def make_batch(n: int, seed: int, palette: dict | None = None, backgrounds: tuple[str, ...] | None = None,
-               **fixed) -> tuple[np.ndarray, list[str], list[Scene]]:
+               max_rotation: float | None = None, **fixed) -> tuple[np.ndarray, list[str], list[Scene]]:
     """``n`` random scenes rendered and captioned: (uint8 images N x 32 x 32 x 3, captions, scenes).
 
-    ``palette`` and ``backgrounds`` shift the distribution (used for the variant model).
+    ``palette`` and ``backgrounds`` shift the distribution (used for the variant model); ``max_rotation``
+    as in ``random_scene``.
     """
     rng = np.random.default_rng(seed)
     scenes = []
     for _ in range(n):
         extra = {"background": backgrounds[rng.integers(len(backgrounds))]} if backgrounds else {}
-        scenes.append(random_scene(rng, **extra, **fixed))
+        scenes.append(random_scene(rng, max_rotation, **extra, **fixed))
     captions = [caption(s, rng) for s in scenes]
     images = np.stack([render(s, palette) for s in scenes]) if n else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     return images, captions, scenes

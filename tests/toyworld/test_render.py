@@ -52,3 +52,16 @@ def test_styles_differ_and_bad_attributes_are_rejected():
         random_scene(np.random.default_rng(0), shape="hexagon")
     with pytest.raises(ValueError):
         random_scene(np.random.default_rng(0), colur="red")
+
+
+def test_max_rotation_keeps_shapes_near_upright_and_the_other_draws_unchanged():
+    rng_free, rng_near = np.random.default_rng(11), np.random.default_rng(11)
+    free = [random_scene(rng_free) for _ in range(200)]
+    near = [random_scene(rng_near, max_rotation=12.0) for _ in range(200)]
+    assert all(-12.0 <= s.rotation <= 12.0 for s in near)
+    assert max(s.rotation for s in free) > 30.0  # any orientation over the symmetry period
+    # the same draws otherwise: a pool with limited rotation shows the same shapes, colours and places
+    assert [(s.shape, s.colour, s.style, s.x, s.size) for s in free] == \
+           [(s.shape, s.colour, s.style, s.x, s.size) for s in near]
+    imgs, _, scenes = make_batch(4, seed=2, max_rotation=0.0)
+    assert all(s.rotation == 0.0 for s in scenes) and imgs.shape == (4, 32, 32, 3)
