@@ -37,9 +37,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
   | tee -a "$log"
 
-stage "benchmark: SD 1.5 architecture, 512 px" "${BENCH_SECONDS:-240}" \
+stage "benchmark: SD 1.5 architecture, 512 px" "${BENCH_SECONDS:-300}" \
   $python -m pipelines.benchmark model.source=arch:sd15 trainer.resolution=512 "packs=${PACKS:-[1,8,16,32]}" \
-  iterations=3 warmup=1 baseline_iterations=8 micro_batch=32 \
+  iterations=3 warmup=1 baseline_iterations=6 micro_batch=32 flop_iterations=1 \
   out="$out/benchmark_sd15.json" hydra.run.dir="$scratch/hydra_sd15"
 
 stage "GPU tests" "${TEST_SECONDS:-150}" \

@@ -41,6 +41,7 @@ class BenchmarkConfig:
     baseline_iterations: Optional[int] = None
     fit_pack: bool = False
     flops: bool = True
+    flop_iterations: Optional[int] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     jobs: int = 1000
     out: str = "benchmark.json"
@@ -81,7 +82,8 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
             packs.append(fitted)
     rows = run_benchmark(pipe, trainer, packs, iterations=cfg.iterations, warmup=cfg.warmup,
                          baseline=cfg.baseline, fast_precision=cfg.fast_precision, micro_batch=cfg.micro_batch,
-                         count_flops=cfg.flops, baseline_iterations=cfg.baseline_iterations, skipped=skipped)
+                         count_flops=cfg.flops, baseline_iterations=cfg.baseline_iterations,
+                         flop_iterations=cfg.flop_iterations, skipped=skipped)
     print(format_table(rows))
     return {"mode": "training", "model": cfg.model.source, "device": device, "machine": machine(),
             "trainer": trainer.to_dict(), "fitted_pack_size": fitted, "skipped": skipped,

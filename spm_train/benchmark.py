@@ -50,30 +50,37 @@ def _generators(obj) -> list[torch.Generator]:
 
 
 def _measure(step: Callable[[], object], runner, device: torch.device, iterations: int, warmup: int,
-             count_flops: bool) -> tuple[float, float | None, float | None]:
+             count_flops: bool, flop_iterations: int | None = None) -> tuple[float, float | None, float | None, float | None]:
+    """Mean seconds per iteration, peak memory, and TFLOP/s over the first ``flop_iterations`` timed
+    iterations (all by default), counted again on the same draws: the flop counter's Python dispatch costs
+    more than a large model's GPU work, so counting a few iterations keeps a GPU benchmark short."""
     for _ in range(warmup):
         step()
     states = [g.get_state() for g in _generators(runner)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(iterations):
+        _sync(device)
+        start = time.perf_counter()
         step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / iterations
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = sum(times) / iterations
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    flops = None
+    tflops = flops = None
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
+        counted = min(iterations, flop_iterations or iterations)
         for g, s in zip(_generators(runner), states):  # the same draws as the timed iterations
             g.set_state(s)
         with FlopCounterMode(display=False) as counter:
-            for _ in range(iterations):
+            for _ in range(counted):
                 step()
-        flops = counter.get_total_flops() / iterations
-    return seconds, peak, flops
+        flops = counter.get_total_flops() / counted
+        tflops = counter.get_total_flops() / sum(times[:counted]) / 1e12
+    return seconds, peak, flops, tflops
 
 
 def _concepts(k: int) -> list[ConceptSpec]:
@@ -83,7 +90,7 @@ def _concepts(k: int) -> list[ConceptSpec]:
 def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8), *, iterations: int = 5,
                   warmup: int = 1, baseline: bool = True, fast_precision: str | None = None,
                   micro_batch: int = 0, count_flops: bool = True, baseline_iterations: int | None = None,
-                  skipped: list[dict] | None = None) -> list[Measurement]:
+                  flop_iterations: int | None = None, skipped: list[dict] | None = None) -> list[Measurement]:
     """Time the paper's loop (K = 1, fp32) and the packed fast path at each K, on ``pipe``'s device.
 
     ``baseline_iterations`` (default ``iterations``): the paper's loop draws one trajectory length per
@@ -94,13 +101,13 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     fast_precision = fast_precision or ("bf16" if device.type == "cuda" else "fp32")
     rows: list[Measurement] = []
 
-    def record(name, k, precision, seconds, peak, flops):
+    def record(name, k, precision, seconds, peak, flops, tflops):
         per_concept = seconds / k
         rows.append(Measurement(
             name=name, pack_size=k, precision=precision, seconds_per_iteration=seconds,
             seconds_per_concept_iteration=per_concept,
             concepts_per_hour=3600.0 / (per_concept * trainer.iterations),
-            peak_memory_gb=peak, tflops=(flops / seconds / 1e12) if flops else None, flops_per_iteration=flops,
+            peak_memory_gb=peak, tflops=tflops, flops_per_iteration=flops,
         ))
         logger.info("%s K=%d %s: %.4fs/it, %.4fs per concept-iteration", name, k, precision, seconds, per_concept)
 
@@ -108,7 +115,7 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
         loop = PaperLoop(pipe, _concepts(1)[0], trainer.replace(precision="fp32"))
         try:
             record("paper loop", 1, "fp32", *_measure(loop.step, loop, device, baseline_iterations or iterations,
-                                                      warmup, count_flops))
+                                                      warmup, count_flops, flop_iterations))
         finally:
             loop.close()
     for k in packs:
@@ -116,7 +123,7 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
                            progress=False)
         try:
             record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
-                                                          count_flops))
+                                                          count_flops, flop_iterations))
         except torch.cuda.OutOfMemoryError as exc:
             logger.warning("pack of %d left out: out of accelerator memory (%s)", k, str(exc).splitlines()[0])
             if skipped is not None:

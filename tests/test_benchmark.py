@@ -19,14 +19,14 @@ def test_training_benchmark_reports_both_paths(tmp_path):
     from pipelines.benchmark import main
 
     cfg = _cfg(tmp_path, "model.source=random:sd1", "packs=[1,2]", "iterations=2", "warmup=0",
-               "trainer.max_denoising_steps=4")
+               "trainer.max_denoising_steps=4", "flop_iterations=1")
     main.__wrapped__(cfg)
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
     assert [(r["name"], r["pack_size"]) for r in rows] == [("paper loop", 1), ("packed", 1), ("packed", 2)]
     assert rows[0]["speedup"] == pytest.approx(1.0)
     for r in rows:
-        assert r["seconds_per_iteration"] > 0 and r["flops_per_iteration"] > 0
+        assert r["seconds_per_iteration"] > 0 and r["flops_per_iteration"] > 0 and r["tflops"] > 0
         assert r["concepts_per_hour"] == pytest.approx(3600 / (r["seconds_per_concept_iteration"] * 3000))
     # the paper loop spends more FLOPs per concept-iteration (CFG halves of guidance-1 predictions)
     assert rows[0]["flops_per_iteration"] > rows[1]["flops_per_iteration"]
