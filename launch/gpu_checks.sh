@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for a node with one CUDA device, in one go:
-#   1. the throughput benchmark on the SD 1.5 architecture at 512 px (paper loop vs packs, same process);
+#   1. the throughput benchmark on the SD 1.5 architecture at 512 px (paper loop vs packs, same process),
+#      then the packs again on a bf16 base without autocast (a second process);
 #   2. the GPU test subset (tests/test_gpu.py: pack = separate runs on CUDA, no host syncs in an iteration,
 #      bf16 losses, fitted pack size, transport on CUDA, ToyWorld erasure on the bf16 fast path);
 #   3. the ToyWorld benchmark;
@@ -10,8 +11,9 @@
 #   bash launch/gpu_checks.sh [OUT_DIR]            # default runs/gpu_checks
 #
 # Each stage has its own time limit and a failing stage does not stop the next; the exit status is the
-# number of failed stages. Writes checks.log, benchmark_sd15.json, benchmark_toyworld.json and, with a
-# build, build.log, quality.json, toyworld_base.tar and toyworld_variant.tar into OUT_DIR.
+# number of failed stages. Writes checks.log, benchmark_sd15.json, benchmark_sd15_bf16.json and
+# benchmark_toyworld.json and, with a build, build.log, quality.json, toyworld_base.tar and
+# toyworld_variant.tar into OUT_DIR.
 set -uo pipefail
 
 out=$(mkdir -p "${1:-runs/gpu_checks}" && cd "${1:-runs/gpu_checks}" && pwd)
@@ -41,6 +43,11 @@ stage "benchmark: SD 1.5 architecture, 512 px" "${BENCH_SECONDS:-300}" \
   $python -m pipelines.benchmark model.source=arch:sd15 trainer.resolution=512 "packs=${PACKS:-[1,8,16,32]}" \
   iterations=3 warmup=1 baseline_iterations=6 micro_batch=32 flop_iterations=1 \
   out="$out/benchmark_sd15.json" hydra.run.dir="$scratch/hydra_sd15"
+
+stage "benchmark: SD 1.5 in bf16 without autocast" "${BF16_SECONDS:-150}" \
+  $python -m pipelines.benchmark model.source=arch:sd15 model.dtype=bfloat16 fast_precision=fp32 baseline=false \
+  trainer.resolution=512 "packs=${BF16_PACKS:-[8,32]}" iterations=3 warmup=1 micro_batch=32 flop_iterations=1 \
+  out="$out/benchmark_sd15_bf16.json" hydra.run.dir="$scratch/hydra_sd15_bf16"
 
 stage "GPU tests" "${TEST_SECONDS:-150}" \
   $python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py

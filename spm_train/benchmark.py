@@ -99,10 +99,17 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     """
     device = pipe.unet.device
     fast_precision = fast_precision or ("bf16" if device.type == "cuda" else "fp32")
+    base_dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    if baseline and pipe.unet.dtype != torch.float32:
+        logger.warning("the base is %s: the paper-loop row runs on %s weights, not the paper's fp32", base_dtype,
+                       base_dtype)
     rows: list[Measurement] = []
 
     def record(name, k, precision, seconds, peak, flops, tflops):
         per_concept = seconds / k
+        if base_dtype != "float32":  # "fp32" on a bf16/fp16 base means no autocast: the base's own dtype
+            precision = (f"{base_dtype} base, no autocast" if precision == "fp32"
+                         else f"{precision} autocast, {base_dtype} base")
         rows.append(Measurement(
             name=name, pack_size=k, precision=precision, seconds_per_iteration=seconds,
             seconds_per_concept_iteration=per_concept,

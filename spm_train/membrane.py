@@ -186,17 +186,20 @@ class MembraneLayer(nn.Module):
         w = self.router.weights_for(x.shape[0])
         if w is None:
             return y
-        # under autocast the branch runs in the autocast dtype anyway; otherwise in the membranes' dtype
-        xm = x if torch.is_autocast_enabled(x.device.type) else x.to(self.down.dtype)
+        # The branch runs in the activations' dtype (autocast's, or a bf16/fp16 base's) with the membranes'
+        # weights cast to it, as autocast does: casting the small weights, never copying the activations.
+        down, up = self.down, self.up
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != down.dtype:
+            down, up = down.to(x.dtype), up.to(x.dtype)
         if self.is_conv:
             conv = self.base_layer
-            h = F.conv2d(xm, self.down, None, conv.stride, conv.padding, conv.dilation)
+            h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation)
             h = h * w.to(h.device, h.dtype)[:, :, None, None]
-            delta = F.conv2d(h, self.up)
+            delta = F.conv2d(h, up)
         else:
-            h = F.linear(xm, self.down)
+            h = F.linear(x, down)
             h = h * w.to(h.device, h.dtype).view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
-            delta = F.linear(h, self.up)
+            delta = F.linear(h, up)
         return y + delta.to(y.dtype)
 
     def delta_weight(self, slot_weights: torch.Tensor) -> torch.Tensor:

@@ -154,3 +154,21 @@ def test_bad_pack_input_is_refused(fresh_sd1):
         train_membranes(fresh_sd1, [], SMOKE, progress=False)
     with pytest.raises(ConfigError, match="unique"):
         train_membranes(fresh_sd1, [CAT, CAT], SMOKE, progress=False)
+
+
+def test_a_bf16_base_trains_fp32_membranes_close_to_the_fp32_base():
+    """A bf16 base without autocast: the membrane branch runs in bf16 on casts of the fp32 weights."""
+    cfg = SMOKE.replace(iterations=1)
+    full = PackTrainer(tiny_pipeline("sd1"), [CAT, VAN], cfg, progress=False)
+    reference = full._train_step()
+    full.close()
+    half = PackTrainer(tiny_pipeline("sd1").to(torch.bfloat16), [CAT, VAN], cfg, progress=False)
+    try:
+        assert {p.dtype for p in half.bank.parameters()} == {torch.float32}
+        losses = half._train_step()
+        torch.testing.assert_close(losses, reference, rtol=5e-2, atol=1e-5)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in half.bank.parameters())
+        moved = max(layer.up.abs().max().item() for layer in half.bank.layers.values())
+        assert moved > 0  # the fp32 weights took the bf16 branch's gradients
+    finally:
+        half.close()
