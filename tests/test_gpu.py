@@ -103,9 +103,10 @@ def test_membranes_from_cuda_generate_with_transport_on_cuda():
 
 
 def test_bf16_packed_toyworld_membrane_erases_on_cuda():
-    """The fast path on a GPU (bf16 autocast, a pack of two) erases. Measured on an H100: P(red) 1.00 -> 0.46,
-    weaker than CPU fp32 K = 1 (0.17 at seed 0, 0.17 / 0.17 / 0.38 at seeds 1-3; CUDA draws differ from
-    CPU draws), asserted with the end-to-end suite's margin of 0.1."""
+    """The fast path on a GPU (bf16 autocast, a pack of two) erases as on the CPU. On this base the CPU gives
+    P(red) 1.00 -> 0.25 (fp32, seed 0; 0.17 and 0.00 at seeds 1-2) and 0.33 in a bf16 pack of three; CUDA
+    draws differ from CPU draws, so the bound is the CPU spread's top with the suite's margin. (On the
+    previous base an H100 measured 0.46 against the CPU's 0.17.)"""
     from spm_train.evaluate import EvalSettings, ToyWorldScorer, evaluate_concept
     from spm_train.models import load_base_model
     from spm_train.toyworld.search import concept_for
@@ -117,5 +118,5 @@ def test_bf16_packed_toyworld_membrane_erases_on_cuda():
     settings = EvalSettings(samples_per_prompt=6, steps=20, guidance_scale=3.0, seed=0)
     ev = evaluate_concept(pipe, red, [membranes["red"]], ToyWorldScorer(), settings)
     assert ev.target_before >= 0.9
-    assert ev.target_after <= 0.46 + 0.1
+    assert ev.target_after <= 0.33 + 0.1
     assert ev.preservation_drop <= 0.1

@@ -39,9 +39,9 @@ def test_the_toyworld_preset_is_the_shipped_hydra_preset():
 
 
 # Measured on the shipped model with the `toyworld` preset and this evaluation (README, "Erasure on
-# ToyWorld"): red 1.00 -> 0.17 with non-target accuracy 0.75 -> 0.75; circle 0.88 -> 0.13 with non-target
-# shape accuracy 0.74 -> 0.54 (the base draws shapes less reliably than colours, and the circle membrane
-# disturbs them); both equipped keep both erasures.
+# ToyWorld"): red 1.00 -> 0.25 with non-target accuracy 0.94 -> 0.94; circle 0.88 -> 0.00 with non-target
+# shape accuracy 0.88 -> 0.68; both equipped: circle 0.04, red 0.04, and red's non-target prompts (which
+# name circles) lose 0.23; circle on the variant 0.75 -> 0.00.
 MARGIN = 0.1
 
 
@@ -49,7 +49,7 @@ def test_a_colour_membrane_erases_and_preserves(world):
     pipe, scorer, circle, red, membranes = world
     ev = evaluate_concept(pipe, red, [membranes["red"]], scorer, SETTINGS)
     assert ev.target_before >= 0.9
-    assert ev.target_after <= 0.17 + MARGIN
+    assert ev.target_after <= 0.25 + MARGIN
     assert ev.preservation_drop <= 0.0 + MARGIN
     assert ev.gamma_target == pytest.approx(1.0) and ev.gamma_nontarget < 0.75
 
@@ -58,24 +58,25 @@ def test_a_shape_membrane_erases_at_the_measured_cost(world):
     pipe, scorer, circle, red, membranes = world
     ev = evaluate_concept(pipe, circle, [membranes["circle"]], scorer, SETTINGS)
     assert ev.target_before >= 0.75
-    assert ev.target_after <= 0.13 + MARGIN
+    assert ev.target_after <= 0.0 + MARGIN
     assert ev.preservation_drop <= 0.19 + MARGIN
 
 
 def test_two_membranes_equipped_together_keep_both_erasures(world):
     pipe, scorer, circle, red, membranes = world
     both = [membranes["circle"], membranes["red"]]
-    for concept, measured in ((circle, 0.13), (red, 0.17)):
+    for concept, measured in ((circle, 0.04), (red, 0.04)):
         ev = evaluate_concept(pipe, concept, both, scorer, SETTINGS)
         assert ev.target_after <= measured + MARGIN, concept.name
     red_both = evaluate_concept(pipe, red, both, scorer, SETTINGS)
-    assert red_both.preservation_drop <= 0.0 + MARGIN
+    # red's non-target prompts ("a green circle", ...) name circles, which the circle membrane erases
+    assert red_both.preservation_drop <= 0.23 + MARGIN
 
 
 def test_the_shape_membrane_transfers_to_the_variant_model(world):
-    """The "community fine-tune" shares the architecture: measured 0.92 -> 0.13 there."""
+    """The "community fine-tune" shares the architecture: measured 0.75 -> 0.00 there."""
     _, scorer, circle, _, membranes = world
     variant = load_base_model("toyworld:variant")
     ev = evaluate_concept(variant, circle, [membranes["circle"]], scorer, SETTINGS)
-    assert ev.target_before >= 0.75
-    assert ev.target_after <= 0.13 + MARGIN
+    assert ev.target_before >= 0.7
+    assert ev.target_after <= 0.0 + MARGIN

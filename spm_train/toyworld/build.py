@@ -56,7 +56,7 @@ class BuildConfig:
     caption_dropout: float = 0.12
     ema_decay: float = 0.999
     checkpoint_every: int = 500
-    quality_per_combo: int = 5  # 100 combos x 5 = 500 generations
+    quality_per_combo: int = 10  # 100 combos x 10 = 1,000 generations (two standard deviations of a style estimate: about 0.03)
     variant_steps: int = 300
     variant_pool: int = 20_000
     guidance: float = 3.0
