@@ -64,7 +64,7 @@ def word_merges(words: list[str]) -> list[tuple[str, str]]:
             prefix += sym
     firsts = set(first_pair.values())
     # A word's own first pair must come before every other first pair found inside the word.
-    order = graphlib.TopologicalSorter({p: set() for p in firsts})
+    order = graphlib.TopologicalSorter({p: set() for p in sorted(firsts)})  # sorted: the same order every run
     for word, own in first_pair.items():
         syms = _symbols(word)
         for pair in zip(syms[1:], syms[2:]):

@@ -35,3 +35,16 @@ def test_merges_for_words_sharing_pieces(tmp_path):
     tok = build_word_tokenizer(words, tmp_path / "tok")
     assert all(tok.tokenize(w) == [w + "</w>"] for w in words)
     assert len(word_merges(words)) == len(set(word_merges(words)))
+
+
+def test_merges_do_not_depend_on_string_hashing():
+    """A rebuilt tokenizer must equal the shipped one: the merge order may not follow set iteration order."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from spm_train.toyworld.tokenizer import word_merges;"
+            "print(word_merges(['circle', 'square', 'triangle', 'star', 'cross', 'striped', 'dotted', 'outline']))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outputs) == 1
