@@ -71,9 +71,10 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
     pipe = load_base_model(cfg.model.source, dtype=cfg.model.dtype, device=device)
     packs, fitted, skipped = list(cfg.packs), None, []
     if cfg.fit_pack:
+        from spm_train.benchmark import default_fast_precision
         from spm_train.packing import fit_pack_size
 
-        fast = trainer.replace(precision=cfg.fast_precision or ("bf16" if device == "cuda" else "fp32"),
+        fast = trainer.replace(precision=cfg.fast_precision or default_fast_precision(device),
                                micro_batch=cfg.micro_batch)
         fitted = fit_pack_size(pipe, fast)
         if fitted is None:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import ConceptSpec, TrainerConfig
+from .errors import first_line
 from .reference import PaperLoop
 from .training import PackTrainer
 
@@ -83,6 +84,11 @@ def _measure(step: Callable[[], object], runner, device: torch.device, iteration
     return seconds, peak, flops, tflops
 
 
+def default_fast_precision(device) -> str:
+    """The fast path's autocast precision when none is given: bf16 on CUDA, none (fp32) elsewhere."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def _concepts(k: int) -> list[ConceptSpec]:
     return [ConceptSpec(f"concept-{i}", f"a photo of concept {i}") for i in range(k)]
 
@@ -98,7 +104,7 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     A pack size that runs out of accelerator memory is left out and reported in ``skipped``.
     """
     device = pipe.unet.device
-    fast_precision = fast_precision or ("bf16" if device.type == "cuda" else "fp32")
+    fast_precision = fast_precision or default_fast_precision(device)
     base_dtype = str(pipe.unet.dtype).removeprefix("torch.")
     if baseline and pipe.unet.dtype != torch.float32:
         logger.warning("the base is %s: the paper-loop row runs on %s weights, not the paper's fp32", base_dtype,
@@ -132,7 +138,7 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
             record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
                                                           count_flops, flop_iterations))
         except torch.cuda.OutOfMemoryError as exc:
-            logger.warning("pack of %d left out: out of accelerator memory (%s)", k, str(exc).splitlines()[0])
+            logger.warning("pack of %d left out: out of accelerator memory (%s)", k, first_line(exc))
             if skipped is not None:
                 skipped.append({"pack_size": k, "reason": "out of memory"})
         finally:

@@ -132,7 +132,7 @@ class Router:
         self.slot_scale = slot_scale
         self.num_membranes = int(slot_owner.max().item()) + 1 if slot_owner.numel() else 0
         self.weights: torch.Tensor | None = None
-        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._slot_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set(self, gamma: torch.Tensor | None) -> None:
         if gamma is None:
@@ -150,9 +150,9 @@ class Router:
 
     def slot_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``slot_owner`` and ``slot_scale`` on ``device``, copied there once rather than at every call."""
-        if self._on_device is None or self._on_device[0].device != device:
-            self._on_device = (self.slot_owner.to(device), self.slot_scale.to(device))
-        return self._on_device
+        if self._slot_cache is None or self._slot_cache[0].device != device:
+            self._slot_cache = (self.slot_owner.to(device), self.slot_scale.to(device))
+        return self._slot_cache
 
     def weights_for(self, batch: int) -> torch.Tensor | None:
         w = self.weights

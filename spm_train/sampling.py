@@ -6,7 +6,7 @@ so the sampler works on per-sample timestep tensors instead of a scheduler's sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ class DDIMSchedule:
     num_train_timesteps: int
     prediction_type: str
     scheduler: object  # a DDIMScheduler, asked for the timestep spacing only
+    _alphas_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_scheduler_config(cls, config) -> "DDIMSchedule":
@@ -35,11 +36,10 @@ class DDIMSchedule:
 
     def _alphas_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``alphas_cumprod`` on ``device``: copied once, so that stepping never waits on a host copy."""
-        cache = self.__dict__.setdefault("_alphas_cache", {})
         key = (device, dtype)
-        if key not in cache:
-            cache[key] = self.alphas_cumprod.to(device, dtype)
-        return cache[key]
+        if key not in self._alphas_cache:
+            self._alphas_cache[key] = self.alphas_cumprod.to(device, dtype)
+        return self._alphas_cache[key]
 
     def timesteps(self, num_steps: int) -> list[int]:
         """The ``num_steps`` DDIM timesteps, spaced as the base model's scheduler config says."""

@@ -123,10 +123,10 @@ class PackTrainer:
         self._setup_model(pipe)
         self._setup_bank()
         self._setup_prompts()
+        self._setup_layout()
         self._setup_optimizer()
         self.step = 0
         self.history: list[dict] = []
-        self._layout: dict | None = None
 
     # -- setup ---------------------------------------------------------------------------
     def _setup_concepts(self, concepts: Sequence[ConceptSpec]) -> None:
@@ -191,6 +191,27 @@ class PackTrainer:
                 target=rows[0], positive=rows[1], neutral=rows[2],
                 num_anchors=self.cfg.anchors_per_step if spec.uses_anchoring and self.cfg.la_strength > 0 else 0,
             ))
+
+    def _setup_layout(self) -> None:
+        """Per-sample constants of the membrane-on batch, built once on the device: which membrane each
+        sample trains (``owner``), its loss weight, and its slot in the per-concept [erase, anchor] sums."""
+        cfg, dev, B = self.cfg, self.device, self.cfg.batch_size
+        numel = math.prod(self.latent_shape)
+        owner, weight, kind, divisor = [], [], [], []
+        for k, c in enumerate(self.concepts):
+            na = c.num_anchors
+            owner += [k] * (B + na)
+            weight += [1.0 / (B * numel)] * B + [cfg.la_strength / (max(na, 1) * numel)] * na
+            kind += [0] * B + [1] * na
+            divisor.append(cfg.la_strength if na else 1.0)
+        owner_t = torch.tensor(owner, device=dev)
+        self.sample_layout = {
+            "owner": owner_t,
+            "weight": torch.tensor(weight, device=dev, dtype=self.compute_dtype),
+            "slot": owner_t * 2 + torch.tensor(kind, device=dev),
+            "anchor_divisor": torch.tensor(divisor, device=dev, dtype=self.compute_dtype),
+            "anchor_rows": {na: torch.arange(na, device=dev) % B for na in {c.num_anchors for c in self.concepts}},
+        }
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -275,32 +296,9 @@ class PackTrainer:
                 latents[k] = x[j * cfg.batch_size:(j + 1) * cfg.batch_size]
         return latents
 
-    def _sample_layout(self) -> dict[str, torch.Tensor]:
-        """Per-sample constants of the membrane-on batch, built once on the device: which membrane each
-        sample trains (``owner``), its loss weight, and its slot in the per-concept [erase, anchor] sums."""
-        if self._layout is None:
-            cfg, dev, B = self.cfg, self.device, self.cfg.batch_size
-            numel = math.prod(self.latent_shape)
-            owner, weight, kind, divisor = [], [], [], []
-            for k, c in enumerate(self.concepts):
-                na = c.num_anchors
-                owner += [k] * (B + na)
-                weight += [1.0 / (B * numel)] * B + [cfg.la_strength / (max(na, 1) * numel)] * na
-                kind += [0] * B + [1] * na
-                divisor.append(cfg.la_strength if na else 1.0)
-            owner_t = torch.tensor(owner, device=dev)
-            self._layout = {
-                "owner": owner_t,
-                "weight": torch.tensor(weight, device=dev, dtype=self.compute_dtype),
-                "slot": owner_t * 2 + torch.tensor(kind, device=dev),
-                "anchor_divisor": torch.tensor(divisor, device=dev, dtype=self.compute_dtype),
-                "anchor_rows": {na: torch.arange(na, device=dev) % B for na in {c.num_anchors for c in self.concepts}},
-            }
-        return self._layout
-
     def _train_step(self) -> torch.Tensor:
         cfg = self.cfg
-        layout = self._sample_layout()
+        layout = self.sample_layout
         draws = self._draw()
         latents = self._trajectories(draws)
         B, dev = cfg.batch_size, self.device

@@ -126,11 +126,13 @@ def _setup_pool(cfg: BuildConfig, max_rotation: float | None = None):
     return images, scenes
 
 
-def _stage_classifier(cfg: BuildConfig, images, scenes, out: Path):
+def _stage_classifier(cfg: BuildConfig, out: Path):
+    """The classifier learns every orientation, whatever the generative pool's ``max_rotation``."""
     target = out / "classifier"
     if (target / clf.WEIGHTS_NAME).exists():
         log.info("classifier: reusing %s", target)
         return clf.load_classifier_from(target, cfg.device)
+    images, scenes = _setup_pool(cfg)
     model = clf.train_classifier(images, scene_labels(scenes), cfg.classifier_steps, cfg.seed, cfg.device)
     held, _, held_scenes = make_batch(2000, seed=cfg.seed + 10_001)
     acc = clf.accuracy(model, held, scene_labels(held_scenes))
@@ -354,10 +356,8 @@ def build(cfg: BuildConfig) -> dict:
     out, work = Path(cfg.out), Path(cfg.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    images, scenes = _setup_pool(cfg)
-    classifier = _stage_classifier(cfg, images, scenes, out)
-    if cfg.max_rotation is not None:  # the generative pool: same seed, orientations near upright
-        images, scenes = _setup_pool(cfg, cfg.max_rotation)
+    classifier = _stage_classifier(cfg, out)
+    images, scenes = _setup_pool(cfg, cfg.max_rotation)  # the generative pool: same seed as the classifier's
     vae = _stage_vae(cfg, images, scenes, classifier, work)
     tokenizer = make_tokenizer(work / "tokenizer")
     mean, std = _encode_pool(vae, images, cfg.device)
