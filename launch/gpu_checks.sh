@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # GPU checks for a node with one CUDA device, in one go:
-#   1. the throughput benchmark on the SD 1.5 architecture at 512 px (paper loop vs packs, same process),
-#      then the packs again on a bf16 base without autocast (a second process);
-#   2. the GPU test subset (tests/test_gpu.py: pack = separate runs on CUDA, no host syncs in an iteration,
-#      bf16 losses, fitted pack size, transport on CUDA, ToyWorld erasure on the bf16 fast path);
-#   3. the ToyWorld benchmark;
-#   4. optionally (BUILD_MINUTES > 0) a ToyWorld build on the GPU, packed as tarballs, in what is left of
-#      TOTAL_SECONDS when set.
+#   sd15      the throughput benchmark on the SD 1.5 architecture at 512 px (paper loop vs packs, same
+#             process), with one profiled iteration per pack (profile_packed_K<k>.txt);
+#   variants  the largest pack again in separate processes, one speed knob each: channels_last (the UNet
+#             in channels-last memory format), bf16_base (bf16 weights without autocast), compile
+#             (torch.compile of the UNet);
+#   tests     the GPU test subset (tests/test_gpu.py: pack = separate runs on CUDA, no host syncs in an
+#             iteration, bf16 losses, fitted pack size, transport on CUDA, ToyWorld erasure on the bf16
+#             fast path);
+#   toyworld  the ToyWorld benchmark;
+#   build     (BUILD_MINUTES > 0) a ToyWorld build on the GPU, packed as tarballs, in what is left of
+#             TOTAL_SECONDS when set.
 #
 #   bash launch/gpu_checks.sh [OUT_DIR]            # default runs/gpu_checks
+#   STAGES="sd15 variants" VARIANTS="channels_last compile" bash launch/gpu_checks.sh /tmp/out
 #
 # Each stage has its own time limit and a failing stage does not stop the next; the exit status is the
-# number of failed stages. Writes checks.log, benchmark_sd15.json, benchmark_sd15_bf16.json and
+# number of failed stages. Writes checks.log, benchmark_sd15.json (+ profiles), benchmark_sd15_<variant>.json,
 # benchmark_toyworld.json and, with a build, build.log, quality.json, toyworld_base.tar and
 # toyworld_variant.tar into OUT_DIR.
 set -uo pipefail
@@ -39,28 +44,46 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
   | tee -a "$log"
 
-stage "benchmark: SD 1.5 architecture, 512 px" "${BENCH_SECONDS:-300}" \
-  $python -m pipelines.benchmark model.source=arch:sd15 trainer.resolution=512 "packs=${PACKS:-[1,8,16,32]}" \
-  iterations=3 warmup=1 baseline_iterations=6 micro_batch=32 flop_iterations=1 \
-  out="$out/benchmark_sd15.json" hydra.run.dir="$scratch/hydra_sd15"
+stages=" ${STAGES:-sd15 variants tests toyworld build} "
+big=${BIG_PACK:-32}
+sd15=(model.source=arch:sd15 trainer.resolution=512 iterations=3 warmup=1 micro_batch=32 flop_iterations=1)
 
-stage "benchmark: SD 1.5 in bf16 without autocast" "${BF16_SECONDS:-150}" \
-  $python -m pipelines.benchmark model.source=arch:sd15 model.dtype=bfloat16 fast_precision=fp32 baseline=false \
-  trainer.resolution=512 "packs=${BF16_PACKS:-[8,32]}" iterations=3 warmup=1 micro_batch=32 flop_iterations=1 \
-  out="$out/benchmark_sd15_bf16.json" hydra.run.dir="$scratch/hydra_sd15_bf16"
+if [[ $stages == *" sd15 "* ]]; then
+  stage "benchmark: SD 1.5 architecture, 512 px" "${BENCH_SECONDS:-330}" \
+    $python -m pipelines.benchmark "${sd15[@]}" "packs=${PACKS:-[1,8,$big]}" baseline_iterations=6 profile=true \
+    out="$out/benchmark_sd15.json" hydra.run.dir="$scratch/hydra_sd15"
+fi
 
-stage "GPU tests" "${TEST_SECONDS:-150}" \
-  $python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+if [[ $stages == *" variants "* ]]; then
+  for variant in ${VARIANTS:-channels_last bf16_base compile}; do
+    case $variant in
+      channels_last) knobs=(trainer.channels_last=true) limit=${VARIANT_SECONDS:-120} ;;
+      bf16_base) knobs=(model.dtype=bfloat16 fast_precision=fp32) limit=${VARIANT_SECONDS:-120} ;;
+      compile) knobs=(trainer.compile=true warmup=3) limit=${COMPILE_SECONDS:-300} ;;
+      *) echo "unknown variant $variant" | tee -a "$log"; failed=$((failed + 1)); continue ;;
+    esac
+    stage "benchmark: SD 1.5, K = $big, $variant" "$limit" \
+      $python -m pipelines.benchmark "${sd15[@]}" "packs=[$big]" baseline=false "${knobs[@]}" \
+      out="$out/benchmark_sd15_$variant.json" hydra.run.dir="$scratch/hydra_sd15_$variant"
+  done
+fi
 
-stage "benchmark: ToyWorld" "${TOY_SECONDS:-60}" \
-  $python -m pipelines.benchmark packs=[1,8,32] iterations=5 baseline_iterations=10 \
-  out="$out/benchmark_toyworld.json" hydra.run.dir="$scratch/hydra_toyworld"
+if [[ $stages == *" tests "* ]]; then
+  stage "GPU tests" "${TEST_SECONDS:-150}" \
+    $python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+fi
+
+if [[ $stages == *" toyworld "* ]]; then
+  stage "benchmark: ToyWorld" "${TOY_SECONDS:-60}" \
+    $python -m pipelines.benchmark packs=[1,8,32] iterations=5 baseline_iterations=10 \
+    out="$out/benchmark_toyworld.json" hydra.run.dir="$scratch/hydra_toyworld"
+fi
 
 # The build gets what is left of TOTAL_SECONDS (if set): about 150 s of it go to rendering, the VAE and
 # the quality measurements, the rest (up to BUILD_MINUTES) to the UNet.
 left=$(( ${TOTAL_SECONDS:-100000} - SECONDS ))
 unet_minutes=$($python -c "print(round(min(float('${BUILD_MINUTES:-0}'), ($left - 150) / 60), 2))")
-if $python -c "import sys; sys.exit(not float('$unet_minutes') >= 1)"; then
+if [[ $stages == *" build "* ]] && $python -c "import sys; sys.exit(not float('$unet_minutes') >= 1)"; then
   assets="$scratch/toyworld_assets"
   mkdir -p "$assets" && cp -r spm_train/toyworld/assets/classifier "$assets/"  # the shipped classifier scores it
   stage "ToyWorld build on the GPU" "$left" \

@@ -42,6 +42,7 @@ class BenchmarkConfig:
     fit_pack: bool = False
     flops: bool = True
     flop_iterations: Optional[int] = None
+    profile: bool = False
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     jobs: int = 1000
     out: str = "benchmark.json"
@@ -84,7 +85,8 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
     rows = run_benchmark(pipe, trainer, packs, iterations=cfg.iterations, warmup=cfg.warmup,
                          baseline=cfg.baseline, fast_precision=cfg.fast_precision, micro_batch=cfg.micro_batch,
                          count_flops=cfg.flops, baseline_iterations=cfg.baseline_iterations,
-                         flop_iterations=cfg.flop_iterations, skipped=skipped)
+                         flop_iterations=cfg.flop_iterations, skipped=skipped,
+                         profile_dir=os.path.dirname(os.path.abspath(cfg.out)) if cfg.profile else None)
     print(format_table(rows))
     return {"mode": "training", "model": cfg.model.source, "device": device, "machine": machine(),
             "trainer": trainer.to_dict(), "fitted_pack_size": fitted, "skipped": skipped,

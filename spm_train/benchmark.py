@@ -8,6 +8,7 @@ effective TFLOP/s from ``torch.utils.flop_counter`` over the same draws as the t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -34,6 +35,7 @@ class Measurement:
     tflops: float | None
     flops_per_iteration: float | None
     speedup: float | None = None
+    profile: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +86,30 @@ def _measure(step: Callable[[], object], runner, device: torch.device, iteration
     return seconds, peak, flops, tflops
 
 
+def profile_iteration(step: Callable[[], object], device: torch.device, path: str, row_limit: int = 40) -> str:
+    """Profile one iteration and write its operators, by self time on the device (CPU time on a CPU), to
+    ``path``; the iteration's phases appear as ``spm.*`` ranges. Returns ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import io
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    averages = prof.key_averages()
+    by_self = averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                             row_limit=row_limit)
+    phases = [e for e in averages if e.key.startswith("spm.")]
+    lines = [f"{e.key}: {(e.device_time_total if cuda else e.cpu_time_total) / 1e3:.1f} ms" for e in phases]
+    with io.atomic_output(path) as tmp, open(tmp, "w") as fh:
+        fh.write("phases (" + ("device" if cuda else "CPU") + " time, total):\n" + "\n".join(lines) + "\n\n")
+        fh.write(by_self + "\n")
+    logger.info("profile of one iteration -> %s", path)
+    return path
+
+
 def default_fast_precision(device) -> str:
     """The fast path's autocast precision when none is given: bf16 on CUDA, none (fp32) elsewhere."""
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
@@ -96,12 +122,14 @@ def _concepts(k: int) -> list[ConceptSpec]:
 def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8), *, iterations: int = 5,
                   warmup: int = 1, baseline: bool = True, fast_precision: str | None = None,
                   micro_batch: int = 0, count_flops: bool = True, baseline_iterations: int | None = None,
-                  flop_iterations: int | None = None, skipped: list[dict] | None = None) -> list[Measurement]:
+                  flop_iterations: int | None = None, skipped: list[dict] | None = None,
+                  profile_dir: str | None = None) -> list[Measurement]:
     """Time the paper's loop (K = 1, fp32) and the packed fast path at each K, on ``pipe``'s device.
 
     ``baseline_iterations`` (default ``iterations``): the paper's loop draws one trajectory length per
     iteration, so it needs more iterations than a pack (which averages K draws) for the same noise.
     A pack size that runs out of accelerator memory is left out and reported in ``skipped``.
+    ``profile_dir``: also profile one iteration of each pack (``profile_iteration``) into that folder.
     """
     device = pipe.unet.device
     fast_precision = fast_precision or default_fast_precision(device)
@@ -132,11 +160,14 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
         finally:
             loop.close()
     for k in packs:
-        pack = PackTrainer(pipe, _concepts(k), trainer.replace(precision=fast_precision, micro_batch=micro_batch),
-                           progress=False)
+        fast = trainer.replace(precision=fast_precision, micro_batch=micro_batch)
+        pack = PackTrainer(pipe, _concepts(k), fast, progress=False)
         try:
             record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
                                                           count_flops, flop_iterations))
+            if profile_dir:
+                rows[-1].profile = profile_iteration(pack._train_step, device,
+                                                     os.path.join(profile_dir, f"profile_packed_K{k}.txt"))
         except torch.cuda.OutOfMemoryError as exc:
             logger.warning("pack of %d left out: out of accelerator memory (%s)", k, first_line(exc))
             if skipped is not None:

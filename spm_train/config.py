@@ -115,6 +115,8 @@ class TrainerConfig:
     # membrane-on samples per forward/backward (0: all at once); bounds activation memory of large packs
     micro_batch: int = 0
     compile: bool = False
+    # the UNet in channels-last memory format while it trains (restored afterwards)
+    channels_last: bool = False
     resolution: int | None = None
     seed: int = 0
     checkpoint_every: int = 0
@@ -140,6 +142,9 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 problems.append(f"{name} must be an integer, got {value!r}")
+        for name in ("compile", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.max_denoising_steps, int) and self.max_denoising_steps < 2:
             problems.append(f"max_denoising_steps must be >= 2, got {self.max_denoising_steps}")
         if isinstance(self.lr_cycles, int) and self.lr_cycles < 1:
@@ -179,7 +184,7 @@ class TrainerConfig:
     def fingerprint(self) -> str:
         """Hash of every field that changes the trained weights (cadence and memory/speed knobs left out)."""
         data = self.to_dict()
-        for key in ("log_every", "checkpoint_every", "micro_batch", "compile"):
+        for key in ("log_every", "checkpoint_every", "micro_batch", "compile", "channels_last"):
             data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -190,7 +195,7 @@ TRAINER_PRESETS: dict[str, TrainerConfig] = {
     # A shorter schedule for quick looks on real models.
     "fast": TrainerConfig(iterations=1000, lr=3e-4, lr_warmup_steps=100, precision="bf16"),
     # ToyWorld (README, "Erasure on ToyWorld"): the paper's lambda = 1000 holds the tiny model's
-    # membrane still; lambda = 1 with a 3e-3 step erases. Pair it with guidance_scale 5 on the concepts.
+    # membrane still; lambda = 1 with a 3e-3 step erases. Pair it with guidance_scale 16 on the concepts.
     "toyworld": TrainerConfig(iterations=150, lr=3e-3, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
                               max_denoising_steps=10, anchors_per_step=4, la_strength=1.0, log_every=10,
                               checkpoint_every=50),

@@ -2,14 +2,13 @@
 
 A ``MembraneLayer`` wraps one base layer and holds the down/up weights of *several* membranes
 stacked along the rank axis. Which membrane acts on which sample is decided per call by a shared
-``Router``: it holds a ``[batch, membranes]`` matrix of permeabilities ``gamma``, and every layer
-computes
+``Router``. With a ``[batch, membranes]`` matrix of permeabilities ``gamma`` every layer computes
 
     y = W x + sum_i gamma[b, i] * (alpha_i / rank_i) * up_i(down_i(x))
 
-in two matmuls over the stacked ranks. One-hot rows give per-sample routing for training packs;
-dense rows give the exact multi-membrane composition used at generation (never a sum of up- and
-down-weights, which would add cross terms).
+in two matmuls over the stacked ranks: the exact multi-membrane composition used at generation
+(never a sum of up- and down-weights, which would add cross terms). Training packs route each sample
+to one membrane instead: the layer gathers that membrane's rows and computes one branch per sample.
 
 ``Membrane`` is the detached artifact: weights keyed in the kohya/webui LoRA convention
 (``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``) plus
@@ -121,20 +120,29 @@ def layout_id(unet: nn.Module, scope: str = "transformer") -> str:
 
 
 class Router:
-    """Per-call routing shared by all layers of one bank.
+    """Per-call routing shared by all layers of one bank, in one of two modes.
 
-    ``set(gamma)`` takes a ``[batch, membranes]`` (or ``[membranes]``) tensor; ``None`` closes every
-    membrane so layers run their base weights alone.
+    ``set(gamma)`` takes a ``[batch, membranes]`` (or ``[membranes]``) tensor of permeabilities: every
+    layer computes all membranes' branches and weights them (generation: facilitated transport mixes
+    several membranes per sample). ``route(owners)`` opens for each sample one membrane only (training
+    packs): when there are several membranes of one rank, layers gather each sample's own down/up rows
+    and compute a single branch per sample instead of all of them. ``None`` closes every membrane.
     """
 
     def __init__(self, slot_owner: torch.Tensor, slot_scale: torch.Tensor):
         self.slot_owner = slot_owner
         self.slot_scale = slot_scale
         self.num_membranes = int(slot_owner.max().item()) + 1 if slot_owner.numel() else 0
+        ranks = torch.bincount(slot_owner, minlength=self.num_membranes).tolist() if slot_owner.numel() else []
+        self.uniform_rank = ranks[0] if ranks and len(set(ranks)) == 1 else None
         self.weights: torch.Tensor | None = None
+        self.owners: torch.Tensor | None = None
+        self.owner_coef: torch.Tensor | None = None
         self._slot_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._one_hot: torch.Tensor | None = None
 
     def set(self, gamma: torch.Tensor | None) -> None:
+        self.owners = self.owner_coef = self._one_hot = None
         if gamma is None:
             self.weights = None
             return
@@ -148,19 +156,58 @@ class Router:
         owner, scale = self.slot_tensors(gamma.device)
         self.weights = gamma.index_select(1, owner) * scale.to(gamma.dtype)
 
+    def route(self, owners: torch.Tensor) -> None:
+        """``owners[b]``: the membrane sample ``b`` passes through, or -1 for none.
+
+        Gathering pays when there are several membranes (the dense branch would compute all of them for
+        every sample); with one membrane, or membranes of different ranks, the one-hot rows are used."""
+        if self.uniform_rank is None or self.num_membranes == 1:
+            membranes = torch.arange(self.num_membranes, device=owners.device)
+            self.set((owners.unsqueeze(1) == membranes).float())  # -1 matches no membrane
+            return
+        self.weights = self._one_hot = None
+        _, scale = self.slot_tensors(owners.device)
+        self.owners = owners.clamp(min=0)
+        self.owner_coef = (owners >= 0).float() * scale[self.owners * self.uniform_rank]
+
+    def state(self) -> tuple:
+        return self.weights, self.owners, self.owner_coef, self._one_hot
+
+    def restore(self, state: tuple) -> None:
+        self.weights, self.owners, self.owner_coef, self._one_hot = state
+
     def slot_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``slot_owner`` and ``slot_scale`` on ``device``, copied there once rather than at every call."""
         if self._slot_cache is None or self._slot_cache[0].device != device:
             self._slot_cache = (self.slot_owner.to(device), self.slot_scale.to(device))
         return self._slot_cache
 
+    def _check_batch(self, rows: int, batch: int) -> None:
+        if rows not in (1, batch):
+            raise RuntimeError(
+                f"membrane permeability was set for a batch of {rows} but the UNet got a batch of {batch}"
+            )
+
+    def routed_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(owner, coefficient) per sample in routed mode, else None."""
+        if self.owners is None:
+            return None
+        self._check_batch(self.owners.shape[0], batch)
+        return self.owners, self.owner_coef
+
     def weights_for(self, batch: int) -> torch.Tensor | None:
+        """Dense ``[batch, slots]`` weights (built once per routing for layers that cannot gather)."""
+        if self.owners is not None:
+            self._check_batch(self.owners.shape[0], batch)
+            if self._one_hot is None:
+                slot_owner, _ = self.slot_tensors(self.owners.device)
+                hit = (self.owners.unsqueeze(1) == slot_owner).to(self.owner_coef.dtype)
+                self._one_hot = hit * self.owner_coef.unsqueeze(1)
+            return self._one_hot
         w = self.weights
-        if w is None or w.shape[0] in (1, batch):
-            return w
-        raise RuntimeError(
-            f"membrane permeability was set for a batch of {w.shape[0]} but the UNet got a batch of {batch}"
-        )
+        if w is not None:
+            self._check_batch(w.shape[0], batch)
+        return w
 
 
 class MembraneLayer(nn.Module):
@@ -176,6 +223,10 @@ class MembraneLayer(nn.Module):
         self.down = nn.Parameter(torch.zeros(num_slots, *in_shape, device=device, dtype=dtype))
         up_shape = (out_features, num_slots, 1, 1) if self.is_conv else (out_features, num_slots)
         self.up = nn.Parameter(torch.zeros(up_shape, device=device, dtype=dtype))
+        # routed mode gathers per-sample rows; a conv other than 1x1 / stride 1 / no padding runs dense
+        self.gathers = not self.is_conv or (
+            tuple(base_layer.kernel_size) == (1, 1) and tuple(base_layer.stride) == (1, 1)
+            and tuple(base_layer.dilation) == (1, 1) and base_layer.padding in ((0, 0), 0, "valid"))
 
     @property
     def fan_in(self) -> int:
@@ -183,14 +234,17 @@ class MembraneLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        w = self.router.weights_for(x.shape[0])
-        if w is None:
+        routed = self.router.routed_for(x.shape[0]) if self.gathers else None
+        w = None if routed is not None else self.router.weights_for(x.shape[0])
+        if routed is None and w is None:
             return y
         # The branch runs in the activations' dtype (autocast's, or a bf16/fp16 base's) with the membranes'
         # weights cast to it, as autocast does: casting the small weights, never copying the activations.
         down, up = self.down, self.up
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != down.dtype:
             down, up = down.to(x.dtype), up.to(x.dtype)
+        if routed is not None:
+            return self._routed(x, y, down, up, *routed)
         if self.is_conv:
             conv = self.base_layer
             h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation)
@@ -202,6 +256,28 @@ class MembraneLayer(nn.Module):
             delta = F.linear(h, up)
         return y + delta.to(y.dtype)
 
+    def _routed(self, x: torch.Tensor, y: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                owners: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """One membrane per sample: gather its rows, two batched matmuls of its rank, the add fused in."""
+        n, members, rank = x.shape[0], self.router.num_membranes, self.router.uniform_rank
+        # [n, rank, in], each sample's rows scaled by its alpha / rank (0 for a sample with no membrane)
+        d = down.reshape(members, rank, -1).index_select(0, owners) * coef.to(down.dtype).view(n, 1, 1)
+        u = up.reshape(up.shape[0], members, rank)  # [out, membranes, rank]
+        if self.is_conv and not _channels_last(x):  # 1x1, stride 1: a matmul over the channels of [n, C, H*W]
+            h = torch.bmm(d, x.flatten(2))  # [n, rank, HW]
+            out = torch.baddbmm(y.flatten(2), u.transpose(0, 1).index_select(0, owners), h)
+            return out.view(y.shape).to(y.dtype)
+        if self.is_conv:  # channels last: channels are the innermost axis, as for a Linear
+            x3 = x.permute(0, 2, 3, 1).reshape(n, -1, x.shape[1])
+            y3 = y.permute(0, 2, 3, 1).reshape(n, -1, y.shape[1])
+        else:
+            x3, y3 = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
+        h = torch.bmm(x3, d.transpose(1, 2))  # [n, tokens, rank]
+        out = torch.baddbmm(y3, h, u.permute(1, 2, 0).index_select(0, owners))
+        if self.is_conv:
+            return out.view(n, *y.shape[2:], y.shape[1]).permute(0, 3, 1, 2).to(y.dtype)
+        return out.view(y.shape).to(y.dtype)
+
     def delta_weight(self, slot_weights: torch.Tensor) -> torch.Tensor:
         """The dense weight update for fixed per-slot weights (``[slots]``), shaped like the base weight."""
         if self.is_conv and self.down.shape[-1] * self.down.shape[-2] != 1:
@@ -210,6 +286,10 @@ class MembraneLayer(nn.Module):
         up = self.up.reshape(self.up.shape[0], -1) * slot_weights
         delta = up @ self.down.reshape(self.down.shape[0], -1)
         return delta.reshape(self.base_layer.weight.shape)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -364,18 +444,16 @@ class MembraneBank:
 
     def route(self, owners: torch.Tensor) -> None:
         """Open for each sample only its own membrane: ``owners[b]`` is a membrane index or -1 for none."""
-        owners = self._on_device(owners)
-        membranes = torch.arange(self.num_membranes, device=owners.device)
-        self.router.set((owners.unsqueeze(1) == membranes).float())  # -1 matches no membrane
+        self.router.route(self._on_device(owners))
 
     @contextlib.contextmanager
     def permeability(self, gamma: torch.Tensor | None) -> Iterator[None]:
-        previous = self.router.weights
+        previous = self.router.state()
         self.router.set(self._on_device(gamma))
         try:
             yield
         finally:
-            self.router.weights = previous
+            self.router.restore(previous)
 
     # -- merge / detach ------------------------------------------------------------------
     @torch.no_grad()

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from . import io
@@ -156,8 +157,11 @@ class PackTrainer:
         dtype = _DTYPES[self.cfg.precision]
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                          else contextlib.nullcontext())
+        if self.cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         if self.cfg.compile:
-            self.model.call_unet = torch.compile(self.unet, dynamic=True)
+            # sizes other than the batch never change: automatic dynamic shapes mark the batch alone
+            self.model.call_unet = torch.compile(self.unet)
 
     def _setup_bank(self) -> None:
         import torch.distributed as dist
@@ -299,8 +303,10 @@ class PackTrainer:
     def _train_step(self) -> torch.Tensor:
         cfg = self.cfg
         layout = self.sample_layout
-        draws = self._draw()
-        latents = self._trajectories(draws)
+        with record_function("spm.draw"):
+            draws = self._draw()
+        with record_function("spm.trajectory"):
+            latents = self._trajectories(draws)
         B, dev = cfg.batch_size, self.device
         off_embeds, on_embeds = [], []
         off_x, off_t, on_x, on_t = [], [], [], []
@@ -316,7 +322,7 @@ class PackTrainer:
             on_x += [x, ax]
             on_embeds += [c.target.repeat(B)] + ([anchors] if na else [])
             on_t.append(torch.full((B + na,), t, dtype=torch.long, device=dev))
-        with torch.no_grad():
+        with torch.no_grad(), record_function("spm.membrane_off"):
             self.bank.set_permeability(None)
             with self.autocast:
                 off = self.model.predict(torch.cat(off_x), torch.cat(off_t), PromptEmbeds.cat(off_embeds),
@@ -335,18 +341,19 @@ class PackTrainer:
         n = x_on.shape[0]
         chunk = cfg.micro_batch or n
         sq = torch.zeros(n, device=dev, dtype=self.compute_dtype)
-        for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
-            hi = min(lo + chunk, n)
-            self.bank.route(owner[lo:hi])
-            with self.autocast:
-                on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
-                                        self.resolution).to(self.compute_dtype)
-            err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
-            if self.engine is not None:
-                self.engine.backward((err * weight[lo:hi]).sum())
-            else:
-                (err * weight[lo:hi]).sum().backward()
-            sq[lo:hi] = err.detach()
+        with record_function("spm.membrane_on"):
+            for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
+                hi = min(lo + chunk, n)
+                self.bank.route(owner[lo:hi])
+                with self.autocast:
+                    on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
+                                            self.resolution).to(self.compute_dtype)
+                err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
+                if self.engine is not None:
+                    self.engine.backward((err * weight[lo:hi]).sum())
+                else:
+                    (err * weight[lo:hi]).sum().backward()
+                sq[lo:hi] = err.detach()
         self.bank.set_permeability(None)
 
         # per-concept [loss, erase, anchor], without leaving the device
@@ -355,14 +362,15 @@ class PackTrainer:
         parts = parts.view(-1, 2)
         anchor = parts[:, 1] / layout["anchor_divisor"]
         losses = torch.stack([parts.sum(1), parts[:, 0], anchor], dim=1)
-        if self.engine is not None:
-            self.engine.step()  # reduce, clip, AdamW, schedule, zero
-            return losses
-        self._average_gradients()
-        self._clip_per_membrane()
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("spm.update"):
+            if self.engine is not None:
+                self.engine.step()  # reduce, clip, AdamW, schedule, zero
+                return losses
+            self._average_gradients()
+            self._clip_per_membrane()
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return losses
 
     @torch.no_grad()
@@ -463,6 +471,8 @@ class PackTrainer:
     def close(self) -> None:
         """Detach the membranes: the pipeline's UNet is as it was before training."""
         self.bank.detach()
+        if self.cfg.channels_last:
+            self.unet.to(memory_format=torch.contiguous_format)
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_identity(self) -> dict[str, str]:

@@ -19,7 +19,7 @@ def test_training_benchmark_reports_both_paths(tmp_path):
     from pipelines.benchmark import main
 
     cfg = _cfg(tmp_path, "model.source=random:sd1", "packs=[1,2]", "iterations=2", "warmup=0",
-               "trainer.max_denoising_steps=4", "flop_iterations=1")
+               "trainer.max_denoising_steps=4", "flop_iterations=1", "profile=true")
     main.__wrapped__(cfg)
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
@@ -30,6 +30,13 @@ def test_training_benchmark_reports_both_paths(tmp_path):
         assert r["concepts_per_hour"] == pytest.approx(3600 / (r["seconds_per_concept_iteration"] * 3000))
     # the paper loop spends more FLOPs per concept-iteration (CFG halves of guidance-1 predictions)
     assert rows[0]["flops_per_iteration"] > rows[1]["flops_per_iteration"]
+    # one profiled iteration per pack: the iteration's phases, then operators by self time
+    assert rows[0]["profile"] is None and rows[2]["profile"] == str(tmp_path / "profile_packed_K2.txt")
+    text = (tmp_path / "profile_packed_K2.txt").read_text()
+    phases = text.split("\n\n")[0]
+    for phase in ("spm.draw", "spm.trajectory", "spm.membrane_off", "spm.membrane_on", "spm.update"):
+        assert phase in phases
+    assert "aten::bmm" in text.split("\n\n", 1)[1]  # the membranes' gathered branches
 
 
 def test_orchestration_benchmark_collects_every_job(tmp_path):

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from spm_train import MembraneBank, MembraneLayer, membrane_targets
+from spm_train.membrane import Router
 from spm_train.architectures import full_unet
 
 
@@ -143,3 +144,65 @@ def test_attaching_twice_is_refused(fresh_sd1):
         assert "already carries membranes" in str(exc)
     else:
         raise AssertionError("second attach succeeded")
+
+
+def _routing_outputs_and_grads(unet, bank, route, owners):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(len(owners), 4, 8, 8, generator=g, dtype=torch.float64)
+    ehs = torch.randn(len(owners), 16, unet.config.cross_attention_dim, generator=g, dtype=torch.float64)
+    route(owners)
+    out = unet(x, torch.tensor([500] * len(owners)), encoder_hidden_states=ehs).sample
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = [p.grad.clone() for p in bank.parameters()]
+    for p in bank.parameters():
+        p.grad = None
+    return out.detach(), grads
+
+
+def test_routing_gathers_one_branch_per_sample_and_matches_the_dense_mixture(fresh_sd1):
+    """Packs route each sample through its own membrane's rows (rank 2 here, three membranes, one
+    sample with none); outputs and every membrane's gradient equal the dense one-hot permeability."""
+    unet = fresh_sd1.unet.double()
+    bank = MembraneBank.attach(unet, count=3, rank=2, alpha=3.0, dtype=torch.float64)
+    _randomise_up(bank)
+    for p in bank.parameters():
+        p.requires_grad_(True)
+    owners = torch.tensor([2, -1, 0, 2, 1])
+    routed, routed_grads = _routing_outputs_and_grads(unet, bank, bank.route, owners)
+    assert bank.router.owners is not None  # the gathering mode was used
+    one_hot = (owners.unsqueeze(1) == torch.arange(3)).float()
+    dense, dense_grads = _routing_outputs_and_grads(unet, bank, lambda o: bank.set_permeability(one_hot), owners)
+    torch.testing.assert_close(routed, dense, rtol=1e-10, atol=1e-10)
+    for a, b in zip(routed_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert any(gr.abs().sum() > 0 for gr in routed_grads)
+
+
+def test_routing_falls_back_to_the_dense_branch_on_wider_convolutions_and_mixed_ranks():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    router = Router(torch.tensor([0, 1, 1]), torch.tensor([1.0, 0.5, 0.5]))  # ranks 1 and 2
+    assert router.uniform_rank is None
+    layer = MembraneLayer(conv, router, num_slots=3)
+    assert not layer.gathers
+    with torch.no_grad():
+        layer.down.normal_()
+        layer.up.normal_()
+    x = torch.randn(2, 4, 5, 5)
+    router.route(torch.tensor([1, -1]))
+    assert router.owners is None and router.weights is not None  # mixed ranks: one-hot permeabilities
+    got = layer(x)
+    d, u = layer.down[1:], layer.up[:, 1:]
+    expected = conv(x[:1]) + 0.5 * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x[:1], d, padding=1), u)
+    torch.testing.assert_close(got[:1], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], conv(x[1:]))
+    uniform = Router(torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
+    wide = MembraneLayer(conv, uniform, num_slots=2)
+    with torch.no_grad():
+        wide.down.copy_(layer.down[:2])
+        wide.up.copy_(layer.up[:, :2])
+    uniform.route(torch.tensor([1, 0]))
+    assert uniform.owners is not None and not wide.gathers  # 3x3: the dense branch from the one-hot rows
+    expected = torch.cat([conv(x[i:i + 1]) + torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(x[i:i + 1], wide.down[o:o + 1], padding=1), wide.up[:, o:o + 1])
+        for i, o in enumerate([1, 0])])
+    torch.testing.assert_close(wide(x), expected, rtol=1e-5, atol=1e-5)

@@ -45,6 +45,48 @@ def test_micro_batches_give_the_same_weights():
     assert [r["loss"] for r in whole.history] == pytest.approx([r["loss"] for r in chunked.history], rel=1e-9)
 
 
+def test_channels_last_trains_the_same_weights_and_restores_the_layout():
+    """The speed knob changes the UNet's memory layout while it trains (the 1x1 projections then gather
+    membranes over the innermost channel axis), never the weights it reaches."""
+    pipe = tiny_pipeline("sd1").to(torch.float64)
+    cfg = SMOKE.replace(iterations=2, max_denoising_steps=2)
+    plain = train_membranes(pipe, [CAT, VAN], cfg, progress=False)
+    seen = []
+    conv = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    hook = conv.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    fast = train_membranes(pipe, [CAT, VAN], cfg.replace(channels_last=True), progress=False)
+    hook.remove()
+    assert seen and all(seen)
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())
+    for a, b in zip(plain.membranes, fast.membranes):
+        assert _max_diff(a, b) < 1e-6
+    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+        cfg.replace(channels_last="yes")
+
+
+def test_a_compiled_unet_trains_the_same_weights(monkeypatch):
+    """trainer.compile traces the UNet with its membrane layers; the traced graphs must follow every
+    routing change (trajectory, membrane off, membrane on) and the batch sizes of a shrinking trajectory.
+    AOTAutograd without Inductor's code generation keeps this seconds long on a CPU."""
+    compiled, real_compile = [], torch.compile
+
+    def tracing_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", tracing_compile)
+    torch._dynamo.reset()
+    pipe = tiny_pipeline("sd1").to(torch.float64)
+    cfg = SMOKE.replace(iterations=2, max_denoising_steps=3)
+    eager = train_membranes(pipe, [CAT, VAN], cfg, progress=False)
+    traced = train_membranes(pipe, [CAT, VAN], cfg.replace(compile=True), progress=False)
+    torch._dynamo.reset()
+    assert compiled == [pipe.unet]
+    for a, b in zip(eager.membranes, traced.membranes):
+        assert _max_diff(a, b) < 1e-6
+    assert [r["loss"] for r in traced.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-9)
+
+
 def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path):
     pipe = tiny_pipeline("sd1")
     cfg = SMOKE.replace(iterations=4, checkpoint_every=2)
