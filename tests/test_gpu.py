@@ -104,8 +104,9 @@ def test_membranes_from_cuda_generate_with_transport_on_cuda():
 
 def test_bf16_packed_toyworld_membrane_erases_on_cuda():
     """The fast path on a GPU (bf16 autocast, a pack of two) erases as on the CPU. On this base the CPU gives
-    P(red) 1.00 -> 0.25 (fp32, seed 0; 0.17 and 0.00 at seeds 1-2) and 0.33 in a bf16 pack of three; CUDA
-    draws differ from CPU draws, so the bound is the CPU spread's top with the suite's margin. (On the
+    P(red) 1.00 -> 0.25 (fp32, seed 0; 0.17 and 0.00 at seeds 1-2) and 0.25 in a bf16 pack of three (0.33
+    before packs gathered each sample's membrane rows); CUDA draws differ from CPU draws, so the bound is
+    the top of what the CPU has shown, with the suite's margin. (On the
     previous base an H100 measured 0.46 against the CPU's 0.17.)"""
     from spm_train.evaluate import EvalSettings, ToyWorldScorer, evaluate_concept
     from spm_train.models import load_base_model

@@ -40,8 +40,8 @@ def test_the_toyworld_preset_is_the_shipped_hydra_preset():
 
 # Measured on the shipped model with the `toyworld` preset and this evaluation (README, "Erasure on
 # ToyWorld"): red 1.00 -> 0.25 with non-target accuracy 0.94 -> 0.94; circle 0.88 -> 0.00 with non-target
-# shape accuracy 0.88 -> 0.68; both equipped: circle 0.04, red 0.04, and red's non-target prompts (which
-# name circles) lose 0.23; circle on the variant 0.75 -> 0.00.
+# shape accuracy 0.88 -> 0.71; both equipped: circle 0.04, red 0.04, and red's non-target prompts (which
+# name circles) lose 0.25; circle on the variant 0.75 -> 0.00.
 MARGIN = 0.1
 
 
@@ -59,7 +59,7 @@ def test_a_shape_membrane_erases_at_the_measured_cost(world):
     ev = evaluate_concept(pipe, circle, [membranes["circle"]], scorer, SETTINGS)
     assert ev.target_before >= 0.75
     assert ev.target_after <= 0.0 + MARGIN
-    assert ev.preservation_drop <= 0.19 + MARGIN
+    assert ev.preservation_drop <= 0.17 + MARGIN
 
 
 def test_two_membranes_equipped_together_keep_both_erasures(world):
@@ -70,7 +70,7 @@ def test_two_membranes_equipped_together_keep_both_erasures(world):
         assert ev.target_after <= measured + MARGIN, concept.name
     red_both = evaluate_concept(pipe, red, both, scorer, SETTINGS)
     # red's non-target prompts ("a green circle", ...) name circles, which the circle membrane erases
-    assert red_both.preservation_drop <= 0.23 + MARGIN
+    assert red_both.preservation_drop <= 0.25 + MARGIN
 
 
 def test_the_shape_membrane_transfers_to_the_variant_model(world):
