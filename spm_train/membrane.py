@@ -235,16 +235,12 @@ class MembraneLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         routed = self.router.routed_for(x.shape[0]) if self.gathers else None
-        w = None if routed is not None else self.router.weights_for(x.shape[0])
-        if routed is None and w is None:
-            return y
-        # The branch runs in the activations' dtype (autocast's, or a bf16/fp16 base's) with the membranes'
-        # weights cast to it, as autocast does: casting the small weights, never copying the activations.
-        down, up = self.down, self.up
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype != down.dtype:
-            down, up = down.to(x.dtype), up.to(x.dtype)
         if routed is not None:
-            return self._routed(x, y, down, up, *routed)
+            return self._routed(x, y, *routed)
+        w = self.router.weights_for(x.shape[0])
+        if w is None:
+            return y
+        down, up = self._branch_weights(self.down, self.up, x)
         if self.is_conv:
             conv = self.base_layer
             h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation)
@@ -256,24 +252,34 @@ class MembraneLayer(nn.Module):
             delta = F.linear(h, up)
         return y + delta.to(y.dtype)
 
-    def _routed(self, x: torch.Tensor, y: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                owners: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """One membrane per sample: gather its rows, two batched matmuls of its rank, the add fused in."""
+    @staticmethod
+    def _branch_weights(down: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch runs in the activations' dtype (autocast's, or a bf16/fp16 base's) with the membranes'
+        weights cast to it, as autocast does: casting the small weights, never copying the activations."""
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != down.dtype:
+            return down.to(x.dtype), up.to(x.dtype)
+        return down, up
+
+    def _routed(self, x: torch.Tensor, y: torch.Tensor, owners: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """One membrane per sample: gather its rows, two batched matmuls of its rank, the add fused in.
+
+        Rows are gathered (and scaled) in the membranes' own dtype before any cast, so the gradients of
+        samples sharing a membrane are summed at that precision."""
         n, members, rank = x.shape[0], self.router.num_membranes, self.router.uniform_rank
         # [n, rank, in], each sample's rows scaled by its alpha / rank (0 for a sample with no membrane)
-        d = down.reshape(members, rank, -1).index_select(0, owners) * coef.to(down.dtype).view(n, 1, 1)
-        u = up.reshape(up.shape[0], members, rank)  # [out, membranes, rank]
+        d = self.down.reshape(members, rank, -1).index_select(0, owners) * coef.to(self.down.dtype).view(n, 1, 1)
+        u = self.up.reshape(self.up.shape[0], members, rank)  # [out, membranes, rank]
         if self.is_conv and not _channels_last(x):  # 1x1, stride 1: a matmul over the channels of [n, C, H*W]
+            d, u = self._branch_weights(d, u.transpose(0, 1).index_select(0, owners), x)  # u: [n, out, rank]
             h = torch.bmm(d, x.flatten(2))  # [n, rank, HW]
-            out = torch.baddbmm(y.flatten(2), u.transpose(0, 1).index_select(0, owners), h)
-            return out.view(y.shape).to(y.dtype)
+            return torch.baddbmm(y.flatten(2), u, h).view(y.shape).to(y.dtype)
         if self.is_conv:  # channels last: channels are the innermost axis, as for a Linear
             x3 = x.permute(0, 2, 3, 1).reshape(n, -1, x.shape[1])
             y3 = y.permute(0, 2, 3, 1).reshape(n, -1, y.shape[1])
         else:
             x3, y3 = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
-        h = torch.bmm(x3, d.transpose(1, 2))  # [n, tokens, rank]
-        out = torch.baddbmm(y3, h, u.permute(1, 2, 0).index_select(0, owners))
+        d, u = self._branch_weights(d, u.permute(1, 2, 0).index_select(0, owners), x)  # u: [n, rank, out]
+        out = torch.baddbmm(y3, torch.bmm(x3, d.transpose(1, 2)), u)
         if self.is_conv:
             return out.view(n, *y.shape[2:], y.shape[1]).permute(0, 3, 1, 2).to(y.dtype)
         return out.view(y.shape).to(y.dtype)
