@@ -15,6 +15,11 @@
 #   bash launch/gpu_checks.sh [OUT_DIR]            # default runs/gpu_checks
 #   STAGES="sd15 variants" VARIANTS="channels_last compile" bash launch/gpu_checks.sh /tmp/out
 #
+# On an H100 the stages take about: sd15 4 min (model set-up, paper loop, K = 1, 8, 32 each with one
+# flop-counted and one profiled iteration), channels_last and bf16_base 1.5 min each, compile up to 5,
+# tests 2.5, toyworld 1. Where one command may run 10 minutes, split them, e.g.
+#   STAGES="sd15 variants" VARIANTS="channels_last bf16_base"   then   STAGES="variants tests" VARIANTS=compile
+#
 # Each stage has its own time limit and a failing stage does not stop the next; the exit status is the
 # number of failed stages. Writes checks.log, benchmark_sd15.json (+ profiles), benchmark_sd15_<variant>.json,
 # benchmark_toyworld.json and, with a build, build.log, quality.json, toyworld_base.tar and
@@ -63,7 +68,7 @@ if [[ $stages == *" variants "* ]]; then
       *) echo "unknown variant $variant" | tee -a "$log"; failed=$((failed + 1)); continue ;;
     esac
     stage "benchmark: SD 1.5, K = $big, $variant" "$limit" \
-      $python -m pipelines.benchmark "${sd15[@]}" "packs=[$big]" baseline=false "${knobs[@]}" \
+      $python -m pipelines.benchmark "${sd15[@]}" "packs=[$big]" baseline=false flops=false "${knobs[@]}" \
       out="$out/benchmark_sd15_$variant.json" hydra.run.dir="$scratch/hydra_sd15_$variant"
   done
 fi
