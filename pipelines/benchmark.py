@@ -3,6 +3,8 @@
     python -m pipelines.benchmark                                         # ToyWorld, this machine
     python -m pipelines.benchmark model.source=arch:sd15 packs=[1,8,16,32] # SD 1.5 architecture, random weights
     python -m pipelines.benchmark mode=orchestration jobs=1000            # Ray scheduling overhead
+    python -m pipelines.benchmark mode=flops model.source=arch:sd15 packs=[8,32] trainer.resolution=512
+                                                                          # FLOPs per UNet forward (meta device)
 
 Prints a table and writes the same figures as JSON (``out``).
 """
@@ -93,6 +95,29 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
             "rows": [r.to_dict() for r in rows]}
 
 
+def flops_benchmark(cfg: DictConfig) -> dict[str, Any]:
+    """FLOPs of one UNet forward per sample, and what a pack's membranes add with masked or gathered
+    routing, counted on the meta device (no weights, no arithmetic: any architecture, any machine)."""
+    from spm_train.architectures import full_unet
+    from spm_train.benchmark import forward_flops
+    from spm_train.models import load_base_model
+
+    source = cfg.model.source
+    if source.startswith("arch:"):
+        unet, scale, tokens = full_unet(source.split(":", 1)[1], device="meta"), 8, 77
+    else:
+        pipe = load_base_model(source)
+        unet, scale, tokens = pipe.unet.to("meta"), pipe.vae_scale_factor, pipe.tokenizer.model_max_length
+    resolution = cfg.trainer.resolution or int(unet.config.sample_size) * scale
+    rows = forward_flops(unet, list(cfg.packs), batch=max(cfg.packs), latent_side=resolution // scale, tokens=tokens)
+    print(" | ".join(("K", "TFLOP per sample", "masked branches", "gathered branches")))
+    for r in rows:
+        print(f"{r.pack_size} | {r.base_tflop_per_sample:.4f} | +{100 * r.masked_overhead:.3f}% | "
+              f"+{100 * r.gathered_overhead:.3f}%")
+    return {"mode": "flops", "model": source, "resolution": resolution, "machine": machine(),
+            "rows": [r.to_dict() for r in rows]}
+
+
 def orchestration_benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Plan ``jobs`` single-concept packs and run them with a no-op trainer on a local Ray instance."""
     import ray
@@ -129,7 +154,10 @@ def noop_pack(job, model, store_root, board=None) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    report = orchestration_benchmark(cfg) if cfg.mode == "orchestration" else training_benchmark(cfg)
+    modes = {"training": training_benchmark, "orchestration": orchestration_benchmark, "flops": flops_benchmark}
+    if cfg.mode not in modes:
+        raise SystemExit(f"benchmark mode {cfg.mode!r} is not one of {sorted(modes)}")
+    report = modes[cfg.mode](cfg)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "w") as fh:
         json.dump(report, fh, indent=1)

@@ -110,6 +110,64 @@ def profile_iteration(step: Callable[[], object], device: torch.device, path: st
     return path
 
 
+@dataclass
+class ForwardFlops:
+    """FLOPs of one UNet forward per sample: the base alone, and with a pack of K membranes open."""
+
+    pack_size: int
+    base_tflop_per_sample: float
+    masked_overhead: float  # every sample computes all K branches, K - 1 of them masked to zero
+    gathered_overhead: float  # every sample computes its own membrane's branch only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def forward_flops(unet, packs: Sequence[int], batch: int, latent_side: int, tokens: int = 77) -> list[ForwardFlops]:
+    """Count one UNet forward's FLOPs with ``torch.utils.flop_counter`` for each routing of each pack size.
+
+    Run it on a ``meta``-device UNet (``architectures.full_unet(name, device="meta")``): shapes only, no
+    memory and no arithmetic, so SD 1.5 or SDXL at full size count in seconds on any machine. The pack's
+    membranes are attached to ``unet`` for the count and detached afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .membrane import MembraneBank
+
+    device = next(unet.parameters()).device
+    config = unet.config
+    x = torch.zeros(batch, config.in_channels, latent_side, latent_side, device=device)
+    kwargs = {"encoder_hidden_states": torch.zeros(batch, tokens, config.cross_attention_dim, device=device)}
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and six size/crop ids
+        time_dim = 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, config.projection_class_embeddings_input_dim - time_dim, device=device),
+            "time_ids": torch.zeros(batch, 6, device=device)}
+    timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
+
+    def count() -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(x, timesteps, **kwargs)
+        return counter.get_total_flops() / batch
+
+    base = count()
+    rows = []
+    for k in packs:
+        bank = MembraneBank.attach(unet, count=k)
+        try:
+            owners = torch.arange(batch) % k
+            bank.set_permeability((owners.unsqueeze(1) == torch.arange(k)).float())
+            masked = count()
+            bank.route(owners)
+            gathered = count() if k > 1 else masked  # one membrane: routing runs the dense branch
+        finally:
+            bank.detach()
+        rows.append(ForwardFlops(k, base / 1e12, masked / base - 1, gathered / base - 1))
+        logger.info("K=%d: %.4f TFLOP per sample, masked +%.3f%%, gathered +%.3f%%", k, base / 1e12,
+                    100 * (masked / base - 1), 100 * (gathered / base - 1))
+    return rows
+
+
 def default_fast_precision(device) -> str:
     """The fast path's autocast precision when none is given: bf16 on CUDA, none (fp32) elsewhere."""
     return "bf16" if torch.device(device).type == "cuda" else "fp32"

@@ -256,7 +256,7 @@ class MembraneLayer(nn.Module):
     def _branch_weights(down: torch.Tensor, up: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The branch runs in the activations' dtype (autocast's, or a bf16/fp16 base's) with the membranes'
         weights cast to it, as autocast does: casting the small weights, never copying the activations."""
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype != down.dtype:
+        if not _autocast_on(x.device.type) and x.dtype != down.dtype:
             return down.to(x.dtype), up.to(x.dtype)
         return down, up
 
@@ -292,6 +292,14 @@ class MembraneLayer(nn.Module):
         up = self.up.reshape(self.up.shape[0], -1) * slot_weights
         delta = up @ self.down.reshape(self.down.shape[0], -1)
         return delta.reshape(self.base_layer.weight.shape)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Autocast state for the device type; devices without autocast (``meta``: shape-only runs) have none."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _channels_last(x: torch.Tensor) -> bool:

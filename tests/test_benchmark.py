@@ -45,3 +45,18 @@ def test_orchestration_benchmark_collects_every_job(tmp_path):
     main.__wrapped__(_cfg(tmp_path, "mode=orchestration", "jobs=20"))
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["jobs"] == 20 and report["succeeded"] == 20
+
+
+def test_flop_count_of_sd15_forward_and_of_a_packs_membranes(tmp_path):
+    """Counted on the meta device: SD 1.5 at 512 px costs 0.80 TFLOP per sample-forward (DESIGN's figure);
+    masking all K branches costs exactly K times the FLOPs of gathering each sample's own branch."""
+    from pipelines.benchmark import main
+
+    main.__wrapped__(_cfg(tmp_path, "mode=flops", "model.source=arch:sd15", "packs=[1,32]",
+                          "trainer.resolution=512"))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    one, pack = report["rows"]
+    assert one["base_tflop_per_sample"] == pytest.approx(0.8033, abs=5e-4)
+    assert one["masked_overhead"] == one["gathered_overhead"] == pack["gathered_overhead"]
+    assert pack["masked_overhead"] == pytest.approx(32 * pack["gathered_overhead"], rel=1e-9)
+    assert 0 < pack["gathered_overhead"] < 0.001 < pack["masked_overhead"] < 0.05
