@@ -17,8 +17,8 @@
 #
 # On an H100 the stages take about: sd15 4 min (model set-up, paper loop, K = 1, 8, 32 each with one
 # flop-counted and one profiled iteration), channels_last and bf16_base 1.5 min each, compile up to 5,
-# tests 2.5, toyworld 1. Where one command may run 10 minutes, split them, e.g.
-#   STAGES="sd15 variants" VARIANTS="channels_last bf16_base"   then   STAGES="variants tests" VARIANTS=compile
+# tests 2.5, toyworld 1. Where one command may run 10 minutes, split them, e.g. STAGES=sd15, then
+# STAGES=variants VARIANTS="channels_last bf16_base", then STAGES="variants tests" VARIANTS=compile.
 #
 # Each stage has its own time limit and a failing stage does not stop the next; the exit status is the
 # number of failed stages. Writes checks.log, benchmark_sd15.json (+ profiles), benchmark_sd15_<variant>.json,
@@ -50,6 +50,12 @@ $python -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
   | tee -a "$log"
 
 stages=" ${STAGES:-sd15 variants tests toyworld build} "
+for name in $stages; do
+  case $name in
+    sd15|variants|tests|toyworld|build) ;;
+    *) echo "unknown stage $name (stages: sd15 variants tests toyworld build)" | tee -a "$log"; exit 64 ;;
+  esac
+done
 big=${BIG_PACK:-32}
 sd15=(model.source=arch:sd15 trainer.resolution=512 iterations=3 warmup=1 micro_batch=32 flop_iterations=1)
 

@@ -98,10 +98,16 @@ def profile_iteration(step: Callable[[], object], device: torch.device, path: st
     with profile(activities=activities) as prof:
         step()
         _sync(device)
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList
+
     averages = prof.key_averages()
-    by_self = averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                             row_limit=row_limit)
-    phases = [e for e in averages if e.key.startswith("spm.")]
+    # a phase is a CPU-side range; its device time is that of the kernels launched inside it. On a GPU
+    # each range also has a device-side copy (its span), left out of the operator table.
+    phases = [e for e in averages if e.key.startswith("spm.") and e.device_type == DeviceType.CPU]
+    operators = EventList([e for e in averages if not e.key.startswith("spm.")], use_device=averages._use_device)
+    by_self = operators.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                              row_limit=row_limit)
     lines = [f"{e.key}: {(e.device_time_total if cuda else e.cpu_time_total) / 1e3:.1f} ms" for e in phases]
     with io.atomic_output(path) as tmp, open(tmp, "w") as fh:
         fh.write("phases (" + ("device" if cuda else "CPU") + " time, total):\n" + "\n".join(lines) + "\n\n")
@@ -224,8 +230,7 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
             record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
                                                           count_flops, flop_iterations))
             if profile_dir:
-                rows[-1].profile = profile_iteration(pack._train_step, device,
-                                                     os.path.join(profile_dir, f"profile_packed_K{k}.txt"))
+                _profile_row(rows[-1], pack, device, os.path.join(profile_dir, f"profile_packed_K{k}.txt"))
         except torch.cuda.OutOfMemoryError as exc:
             logger.warning("pack of %d left out: out of accelerator memory (%s)", k, first_line(exc))
             if skipped is not None:
@@ -239,6 +244,14 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
         for row in rows:
             row.speedup = row.concepts_per_hour / base
     return rows
+
+
+def _profile_row(row: Measurement, pack: PackTrainer, device: torch.device, path: str) -> None:
+    """Profile one more iteration of a timed pack; a profile that runs out of memory leaves the row as is."""
+    try:
+        row.profile = profile_iteration(pack._train_step, device, path)
+    except torch.cuda.OutOfMemoryError as exc:
+        logger.warning("pack of %d not profiled: out of accelerator memory (%s)", row.pack_size, first_line(exc))
 
 
 def format_table(rows: Sequence[Measurement]) -> str:

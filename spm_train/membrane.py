@@ -189,10 +189,12 @@ class Router:
             )
 
     def routed_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(owner, coefficient) per sample in routed mode, else None."""
+        """(owner, coefficient) per sample in routed mode, else None; one row routes every sample."""
         if self.owners is None:
             return None
         self._check_batch(self.owners.shape[0], batch)
+        if self.owners.shape[0] != batch:
+            return self.owners.expand(batch), self.owner_coef.expand(batch)
         return self.owners, self.owner_coef
 
     def weights_for(self, batch: int) -> torch.Tensor | None:

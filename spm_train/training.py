@@ -126,6 +126,7 @@ class PackTrainer:
         self._setup_prompts()
         self._setup_layout()
         self._setup_optimizer()
+        self._setup_memory_format()
         self.step = 0
         self.history: list[dict] = []
 
@@ -157,10 +158,11 @@ class PackTrainer:
         dtype = _DTYPES[self.cfg.precision]
         self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                          else contextlib.nullcontext())
-        if self.cfg.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
         if self.cfg.compile:
-            # sizes other than the batch never change: automatic dynamic shapes mark the batch alone
+            # Each pack traces its own graphs (routing modes, K): a fresh cache per pack keeps a process that
+            # trains many packs under Dynamo's recompile limit, past which it would silently run eager.
+            # Sizes other than the batch never change: automatic dynamic shapes mark the batch alone.
+            torch._dynamo.reset()
             self.model.call_unet = torch.compile(self.unet)
 
     def _setup_bank(self) -> None:
@@ -216,6 +218,15 @@ class PackTrainer:
             "anchor_divisor": torch.tensor(divisor, device=dev, dtype=self.compute_dtype),
             "anchor_rows": {na: torch.arange(na, device=dev) % B for na in {c.num_anchors for c in self.concepts}},
         }
+
+    def _setup_memory_format(self) -> None:
+        """Channels-last on request, as the last setup step (a failed setup leaves the UNet as it was);
+        ``close`` undoes only what this did."""
+        convs = [m.weight for m in self.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        already = bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        self.made_channels_last = self.cfg.channels_last and not already
+        if self.made_channels_last:
+            self.unet.to(memory_format=torch.channels_last)
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -471,8 +482,9 @@ class PackTrainer:
     def close(self) -> None:
         """Detach the membranes: the pipeline's UNet is as it was before training."""
         self.bank.detach()
-        if self.cfg.channels_last:
+        if self.made_channels_last:
             self.unet.to(memory_format=torch.contiguous_format)
+            self.made_channels_last = False
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_identity(self) -> dict[str, str]:

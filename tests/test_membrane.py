@@ -176,6 +176,11 @@ def test_routing_gathers_one_branch_per_sample_and_matches_the_dense_mixture(fre
     for a, b in zip(routed_grads, dense_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert any(gr.abs().sum() > 0 for gr in routed_grads)
+    # one row routes every sample of the batch, as one row of permeabilities does
+    one_row, _ = _routing_outputs_and_grads(unet, bank, lambda o: bank.route(torch.tensor([1])), owners)
+    dense_row, _ = _routing_outputs_and_grads(unet, bank, lambda o: bank.set_permeability(torch.tensor([0., 1, 0])),
+                                              owners)
+    torch.testing.assert_close(one_row, dense_row, rtol=1e-10, atol=1e-10)
 
 
 def test_routing_falls_back_to_the_dense_branch_on_wider_convolutions_and_mixed_ranks():

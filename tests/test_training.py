@@ -58,6 +58,9 @@ def test_channels_last_trains_the_same_weights_and_restores_the_layout():
     hook.remove()
     assert seen and all(seen)
     assert all(p.is_contiguous() for p in pipe.unet.parameters())
+    pipe.unet.to(memory_format=torch.channels_last)  # a UNet already in channels-last stays so
+    train_membranes(pipe, [CAT], cfg.replace(iterations=1, channels_last=True), progress=False)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     for a, b in zip(plain.membranes, fast.membranes):
         assert _max_diff(a, b) < 1e-6
     with pytest.raises(ConfigError, match="channels_last must be true or false"):
