@@ -20,6 +20,12 @@
 # tests 2.5, toyworld 1. Where one command may run 10 minutes, split them, e.g. STAGES=sd15, then
 # STAGES=variants VARIANTS="channels_last bf16_base", then STAGES="variants tests" VARIANTS=compile.
 #
+# The node's Python needs torch with CUDA plus this project's requirements. On a node without internet,
+# build wheels where there is one and install them there without an index, e.g.
+#   pip wheel --no-deps -w .whl diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 \
+#     antlr4-python3-runtime==4.9.3 importlib_metadata          # here
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site  # there
+#
 # Each stage has its own time limit and a failing stage does not stop the next; the exit status is the
 # number of failed stages. Writes checks.log, benchmark_sd15.json (+ profiles), benchmark_sd15_<variant>.json,
 # benchmark_toyworld.json and, with a build, build.log, quality.json, toyworld_base.tar and
