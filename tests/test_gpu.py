@@ -37,6 +37,19 @@ def test_a_pack_on_cuda_trains_each_membrane_as_separate_runs_would():
         assert max(alone.weights[k][1].abs().max().item() for k in alone.weights) > 1e-3
 
 
+def test_speed_knobs_on_cuda_train_the_same_weights():
+    """channels_last (cuDNN's preferred layout, the 1x1 projections then gather membranes over the channel
+    axis) and a compiled UNet reach the weights of the plain pack (fp64)."""
+    pipe = _cuda_pipe(torch.float64)
+    cfg = SMOKE.replace(iterations=2, max_denoising_steps=3)
+    plain = train_membranes(pipe, [CAT, VAN], cfg, progress=False).membranes
+    for knob in ({"channels_last": True}, {"compile": True}):
+        fast = train_membranes(pipe, [CAT, VAN], cfg.replace(**knob), progress=False).membranes
+        for a, b in zip(plain, fast):
+            assert _max_diff(a, b) < 1e-6, knob
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())
+
+
 def test_an_iteration_never_waits_on_the_host():
     """No .item(), no blocking copy, no host-side decision on device values inside ``_train_step``."""
     pipe = _cuda_pipe()
