@@ -2,8 +2,9 @@
 # GPU checks for a node with one CUDA device, in one go:
 #   sd15      the throughput benchmark on the SD 1.5 architecture at 512 px (paper loop vs packs, same
 #             process), with one profiled iteration per pack (profile_packed_K<k>.txt);
-#   variants  the largest pack again in separate processes, one speed knob each: channels_last (the UNet
-#             in channels-last memory format), bf16_base (bf16 weights without autocast), compile
+#   variants  the largest pack again in separate processes, one speed knob each, each against the paper
+#             loop in its own process: channels_last (the UNet in channels-last memory format), bf16_base
+#             (the packs on a bf16 copy of the UNet without autocast, the paper loop on fp32), compile
 #             (torch.compile of the UNet);
 #   tests     the GPU test subset (tests/test_gpu.py: pack = separate runs on CUDA, no host syncs in an
 #             iteration, bf16 losses, fitted pack size, transport on CUDA, ToyWorld erasure on the bf16
@@ -16,7 +17,7 @@
 #   STAGES="sd15 variants" VARIANTS="channels_last compile" bash launch/gpu_checks.sh /tmp/out
 #
 # On an H100 the stages take about: sd15 4 min (model set-up, paper loop, K = 1, 8, 32 each with one
-# flop-counted and one profiled iteration), channels_last and bf16_base 1.5 min each, compile up to 5,
+# flop-counted and one profiled iteration), channels_last and bf16_base 2 min each, compile up to 5,
 # tests 4, toyworld 1. Where one command may run 10 minutes, split them, e.g. STAGES=sd15, then
 # STAGES=variants VARIANTS="channels_last bf16_base", then STAGES="variants tests" VARIANTS=compile.
 #
@@ -74,13 +75,13 @@ fi
 if [[ $stages == *" variants "* ]]; then
   for variant in ${VARIANTS:-channels_last bf16_base compile}; do
     case $variant in
-      channels_last) knobs=(trainer.channels_last=true) limit=${VARIANT_SECONDS:-120} ;;
-      bf16_base) knobs=(model.dtype=bfloat16 fast_precision=fp32) limit=${VARIANT_SECONDS:-120} ;;
+      channels_last) knobs=(trainer.channels_last=true) limit=${VARIANT_SECONDS:-150} ;;
+      bf16_base) knobs=(fast_base_dtype=bfloat16 fast_precision=fp32) limit=${VARIANT_SECONDS:-150} ;;
       compile) knobs=(trainer.compile=true warmup=3) limit=${COMPILE_SECONDS:-300} ;;
       *) echo "unknown variant $variant" | tee -a "$log"; failed=$((failed + 1)); continue ;;
     esac
     stage "benchmark: SD 1.5, K = $big, $variant" "$limit" \
-      $python -m pipelines.benchmark "${sd15[@]}" "packs=[$big]" baseline=false flops=false "${knobs[@]}" \
+      $python -m pipelines.benchmark "${sd15[@]}" "packs=[$big]" baseline_iterations=6 flops=false "${knobs[@]}" \
       out="$out/benchmark_sd15_$variant.json" hydra.run.dir="$scratch/hydra_sd15_$variant"
   done
 fi

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -45,6 +46,7 @@ class BenchmarkConfig:
     flops: bool = True
     flop_iterations: Optional[int] = None
     profile: bool = False
+    fast_base_dtype: Optional[str] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     jobs: int = 1000
     out: str = "benchmark.json"
@@ -71,6 +73,7 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     trainer = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    fast_base_dtype = _dtype(cfg.fast_base_dtype)
     pipe = load_base_model(cfg.model.source, dtype=cfg.model.dtype, device=device)
     packs, fitted, skipped = list(cfg.packs), None, []
     if cfg.fit_pack:
@@ -88,11 +91,23 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
                          baseline=cfg.baseline, fast_precision=cfg.fast_precision, micro_batch=cfg.micro_batch,
                          count_flops=cfg.flops, baseline_iterations=cfg.baseline_iterations,
                          flop_iterations=cfg.flop_iterations, skipped=skipped,
-                         profile_dir=os.path.dirname(os.path.abspath(cfg.out)) if cfg.profile else None)
+                         profile_dir=os.path.dirname(os.path.abspath(cfg.out)) if cfg.profile else None,
+                         fast_base_dtype=fast_base_dtype)
     print(format_table(rows))
     return {"mode": "training", "model": cfg.model.source, "device": device, "machine": machine(),
             "trainer": trainer.to_dict(), "fitted_pack_size": fitted, "skipped": skipped,
             "rows": [r.to_dict() for r in rows]}
+
+
+def _dtype(name: str | None):
+    from spm_train.errors import ConfigError
+    from spm_train.models import TORCH_DTYPES
+
+    if name is None:
+        return None
+    if name not in TORCH_DTYPES:
+        raise ConfigError("benchmark config", [f"fast_base_dtype {name!r} is not one of {sorted(TORCH_DTYPES)}"])
+    return TORCH_DTYPES[name]
 
 
 def flops_benchmark(cfg: DictConfig) -> dict[str, Any]:
@@ -154,10 +169,16 @@ def noop_pack(job, model, store_root, board=None) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
+    from spm_train.errors import ConfigError, SPMError
+
     modes = {"training": training_benchmark, "orchestration": orchestration_benchmark, "flops": flops_benchmark}
-    if cfg.mode not in modes:
-        raise SystemExit(f"benchmark mode {cfg.mode!r} is not one of {sorted(modes)}")
-    report = modes[cfg.mode](cfg)
+    try:
+        if cfg.mode not in modes:
+            raise ConfigError("benchmark config", [f"mode {cfg.mode!r} is not one of {sorted(modes)}"])
+        report = modes[cfg.mode](cfg)
+    except SPMError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "w") as fh:
         json.dump(report, fh, indent=1)

@@ -187,24 +187,30 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
                   warmup: int = 1, baseline: bool = True, fast_precision: str | None = None,
                   micro_batch: int = 0, count_flops: bool = True, baseline_iterations: int | None = None,
                   flop_iterations: int | None = None, skipped: list[dict] | None = None,
-                  profile_dir: str | None = None) -> list[Measurement]:
+                  profile_dir: str | None = None, fast_base_dtype: torch.dtype | None = None) -> list[Measurement]:
     """Time the paper's loop (K = 1, fp32) and the packed fast path at each K, on ``pipe``'s device.
 
     ``baseline_iterations`` (default ``iterations``): the paper's loop draws one trajectory length per
     iteration, so it needs more iterations than a pack (which averages K draws) for the same noise.
     A pack size that runs out of accelerator memory is left out and reported in ``skipped``.
     ``profile_dir``: also profile one iteration of each pack (``profile_iteration``) into that folder.
+    ``fast_base_dtype``: the fast path trains on a copy of the UNet in this dtype (e.g. bf16, without
+    autocast when ``fast_precision`` is fp32) while the paper's loop keeps ``pipe``'s fp32 weights; the
+    copy's memory counts in the fast rows' peaks.
     """
     device = pipe.unet.device
     fast_precision = fast_precision or default_fast_precision(device)
-    base_dtype = str(pipe.unet.dtype).removeprefix("torch.")
     if baseline and pipe.unet.dtype != torch.float32:
-        logger.warning("the base is %s: the paper-loop row runs on %s weights, not the paper's fp32", base_dtype,
-                       base_dtype)
+        logger.warning("the base is %s: the paper-loop row runs on %s weights, not the paper's fp32",
+                       pipe.unet.dtype, pipe.unet.dtype)
+    fast_pipe = pipe
+    if fast_base_dtype is not None and fast_base_dtype != pipe.unet.dtype:
+        fast_pipe = with_unet_dtype(pipe, fast_base_dtype)
     rows: list[Measurement] = []
 
-    def record(name, k, precision, seconds, peak, flops, tflops):
+    def record(name, k, precision, base, seconds, peak, flops, tflops):
         per_concept = seconds / k
+        base_dtype = str(base.unet.dtype).removeprefix("torch.")
         if base_dtype != "float32":  # "fp32" on a bf16/fp16 base means no autocast: the base's own dtype
             precision = (f"{base_dtype} base, no autocast" if precision == "fp32"
                          else f"{precision} autocast, {base_dtype} base")
@@ -219,16 +225,17 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     if baseline:
         loop = PaperLoop(pipe, _concepts(1)[0], trainer.replace(precision="fp32"))
         try:
-            record("paper loop", 1, "fp32", *_measure(loop.step, loop, device, baseline_iterations or iterations,
-                                                      warmup, count_flops, flop_iterations))
+            record("paper loop", 1, "fp32", pipe, *_measure(loop.step, loop, device,
+                                                            baseline_iterations or iterations, warmup,
+                                                            count_flops, flop_iterations))
         finally:
             loop.close()
     for k in packs:
         fast = trainer.replace(precision=fast_precision, micro_batch=micro_batch)
-        pack = PackTrainer(pipe, _concepts(k), fast, progress=False)
+        pack = PackTrainer(fast_pipe, _concepts(k), fast, progress=False)
         try:
-            record("packed", k, fast_precision, *_measure(pack._train_step, pack, device, iterations, warmup,
-                                                          count_flops, flop_iterations))
+            record("packed", k, fast_precision, fast_pipe, *_measure(pack._train_step, pack, device, iterations,
+                                                                     warmup, count_flops, flop_iterations))
             if profile_dir:
                 _profile_row(rows[-1], pack, device, os.path.join(profile_dir, f"profile_packed_K{k}.txt"))
         except torch.cuda.OutOfMemoryError as exc:
@@ -244,6 +251,14 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
         for row in rows:
             row.speedup = row.concepts_per_hour / base
     return rows
+
+
+def with_unet_dtype(pipe, dtype: torch.dtype):
+    """The same pipeline with a copy of its UNet in ``dtype`` (the other components are shared)."""
+    import copy
+
+    unet = copy.deepcopy(pipe.unet).to(dtype)
+    return type(pipe)(**{**pipe.components, "unet": unet})
 
 
 def _profile_row(row: Measurement, pack: PackTrainer, device: torch.device, path: str) -> None:

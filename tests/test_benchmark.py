@@ -60,3 +60,30 @@ def test_flop_count_of_sd15_forward_and_of_a_packs_membranes(tmp_path):
     assert one["masked_overhead"] == one["gathered_overhead"] == pack["gathered_overhead"]
     assert pack["masked_overhead"] == pytest.approx(32 * pack["gathered_overhead"], rel=1e-9)
     assert 0 < pack["gathered_overhead"] < 0.001 < pack["masked_overhead"] < 0.05
+
+
+def test_packs_can_train_on_a_bf16_copy_while_the_paper_loop_keeps_fp32():
+    import torch
+
+    from spm_train import MembraneLayer, TrainerConfig
+    from spm_train.architectures import tiny_pipeline
+    from spm_train.benchmark import run_benchmark
+
+    pipe = tiny_pipeline("sd1")
+    trainer = TrainerConfig.preset("smoke", max_denoising_steps=3)
+    rows = run_benchmark(pipe, trainer, packs=[2], iterations=1, warmup=0, fast_precision="fp32",
+                         count_flops=False, fast_base_dtype=torch.bfloat16)
+    assert [(r.name, r.precision) for r in rows] == [("paper loop", "fp32"),
+                                                      ("packed", "bfloat16 base, no autocast")]
+    assert pipe.unet.dtype == torch.float32
+    assert not any(isinstance(m, MembraneLayer) for m in pipe.unet.modules())
+
+
+def test_a_bad_benchmark_setting_is_one_clear_message(tmp_path, caplog):
+    from pipelines.benchmark import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main.__wrapped__(_cfg(tmp_path, "model.source=random:sd1", "fast_base_dtype=bfloat17"))
+    assert exit_info.value.code == 2
+    assert "fast_base_dtype 'bfloat17' is not one of" in caplog.text
+    assert not (tmp_path / "bench.json").exists()
