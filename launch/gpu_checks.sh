@@ -18,8 +18,9 @@
 #
 # On an H100 the stages take about: sd15 4 min (model set-up, paper loop, K = 1, 8, 32 each with one
 # flop-counted and one profiled iteration), channels_last and bf16_base 2 min each, compile up to 5,
-# tests up to 5 (Inductor compiles the tiny UNet for one of them), toyworld 1. Where one command may run 10 minutes, split them, e.g. STAGES=sd15, then
-# STAGES=variants VARIANTS="channels_last bf16_base", then STAGES="variants tests" VARIANTS=compile.
+# tests up to 5 (one compiles the tiny UNet with Inductor), toyworld 1. Where one command may run
+# 10 minutes, split them: STAGES=sd15, then STAGES=variants VARIANTS="channels_last bf16_base", then
+# STAGES=variants VARIANTS=compile, then STAGES="tests toyworld".
 #
 # The node's Python needs torch with CUDA plus this project's requirements. On a node without internet,
 # build wheels where there is one and install them there without an index, e.g.
