@@ -89,6 +89,8 @@ def _measure(step: Callable[[], object], runner, device: torch.device, iteration
 def profile_iteration(step: Callable[[], object], device: torch.device, path: str, row_limit: int = 40) -> str:
     """Profile one iteration and write its operators, by self time on the device (CPU time on a CPU), to
     ``path``; the iteration's phases appear as ``spm.*`` ranges. Returns ``path``."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList
     from torch.profiler import ProfilerActivity, profile
 
     from . import io
@@ -98,9 +100,6 @@ def profile_iteration(step: Callable[[], object], device: torch.device, path: st
     with profile(activities=activities) as prof:
         step()
         _sync(device)
-    from torch.autograd import DeviceType
-    from torch.autograd.profiler_util import EventList
-
     averages = prof.key_averages()
     # a phase is a CPU-side range; its device time is that of the kernels launched inside it. On a GPU
     # each range also has a device-side copy (its span), left out of the operator table.
