@@ -11,6 +11,7 @@ membranes) to the run folder, and records the grid with each version used (shown
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -86,15 +87,23 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
         membranes = [reg.load(v) for v in versions]  # raises IntegrityError on an altered blob
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_base_model(cfg.model.source, dtype=cfg.model.dtype, device=device)
+        # Stable Diffusion pipelines take sides divisible by 8 (and by the VAE's downscaling factor)
+        step = math.lcm(8, int(getattr(pipe, "vae_scale_factor", 8)))
+        if cfg.resolution and (cfg.resolution < step or cfg.resolution % step):
+            from spm_train.errors import ConfigError
+
+            raise ConfigError("generate", [f"resolution={cfg.resolution}: must be a positive multiple of {step}"])
         kwargs = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                       negative_prompt=cfg.negative_prompt)
         if cfg.resolution:
             kwargs.update(height=cfg.resolution, width=cfg.resolution)
-        originals, edited = [], []
-        for i, prompt in enumerate(prompts):
-            originals.append(_sample(pipe, prompt, cfg.seed + i, kwargs))
-            with apply_membranes(pipe, membranes, transport=cfg.transport, facilitate=cfg.facilitate):
-                edited.append(_sample(pipe, prompt, cfg.seed + i, kwargs))
+        # equipped once before anything is rendered: a membrane that does not fit fails here
+        handle = apply_membranes(pipe, membranes, transport=cfg.transport, facilitate=cfg.facilitate)
+        try:
+            edited = [_sample(pipe, prompt, cfg.seed + i, kwargs) for i, prompt in enumerate(prompts)]
+        finally:
+            handle.remove()
+        originals = [_sample(pipe, prompt, cfg.seed + i, kwargs) for i, prompt in enumerate(prompts)]
         paths_o = [_save(img, os.path.join(run_dir, f"original_{i}.png")) for i, img in enumerate(originals)]
         paths_m = [_save(img, os.path.join(run_dir, f"membranes_{i}.png")) for i, img in enumerate(edited)]
         grid = _save(_grid(originals, edited), os.path.join(run_dir, "grid.png"))

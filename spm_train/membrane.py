@@ -79,10 +79,27 @@ def membrane_targets(unet: nn.Module, scope: str = "transformer") -> dict[str, n
                 raise IncompatibleMembraneError(
                     f"layer {path} already carries membranes; detach them before attaching new ones"
                 )
+            _check_plain(path, module)
             base = isinstance(module, (nn.Linear, nn.Conv2d))
             if base and not _inside_membrane(path, found) and _in_scope(path, scope):
                 found[path] = module
     return dict(sorted(found.items()))
+
+
+def _check_plain(path: str, module: nn.Module) -> None:
+    """Refuse layouts whose layers a membrane would wrap without ever being called, or under another name."""
+    processor = getattr(module, "processor", None)
+    if getattr(module, "fused_projections", False) and "Fused" in type(processor).__name__:
+        raise IncompatibleMembraneError(
+            f"the attention projections of {path} are fused (fuse_qkv_projections), so to_q/to_k/to_v are never "
+            "called; unfuse them (pipe.unfuse_qkv_projections()) before attaching membranes"
+        )
+    if isinstance(getattr(module, "base_layer", None), nn.Module):
+        raise IncompatibleMembraneError(
+            f"layer {path} carries LoRA adapters (e.g. from pipe.load_lora_weights); fuse or unload them "
+            "(pipe.fuse_lora() then pipe.unload_lora_weights(), or pipe.unload_lora_weights()) before "
+            "attaching membranes"
+        )
 
 
 def _inside_membrane(path: str, found: dict[str, nn.Module]) -> bool:
@@ -140,6 +157,7 @@ class Router:
         self.owner_coef: torch.Tensor | None = None
         self._slot_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._one_hot: torch.Tensor | None = None
+        self.merged = False  # while the membranes sit in the base weights, layers add no branch
 
     def set(self, gamma: torch.Tensor | None) -> None:
         self.owners = self.owner_coef = self._one_hot = None
@@ -190,7 +208,7 @@ class Router:
 
     def routed_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(owner, coefficient) per sample in routed mode, else None; one row routes every sample."""
-        if self.owners is None:
+        if self.owners is None or self.merged:
             return None
         self._check_batch(self.owners.shape[0], batch)
         if self.owners.shape[0] != batch:
@@ -199,6 +217,8 @@ class Router:
 
     def weights_for(self, batch: int) -> torch.Tensor | None:
         """Dense ``[batch, slots]`` weights (built once per routing for layers that cannot gather)."""
+        if self.merged:
+            return None
         if self.owners is not None:
             self._check_batch(self.owners.shape[0], batch)
             if self._one_hot is None:
@@ -350,6 +370,7 @@ class MembraneBank:
             _set_submodule(unet, path, layer)
             self.layers[path] = layer
         self.attached = True
+        self.merged: MergedWeights | None = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -476,12 +497,17 @@ class MembraneBank:
     def merge(self, gamma: Sequence[float] | torch.Tensor) -> "MergedWeights":
         """Fold ``sum_i gamma_i * scale_i * U_i D_i`` into the base weights; ``unmerge`` restores them bit for bit.
 
-        Only for a fixed permeability per membrane: facilitated transport needs the unmerged layers.
+        Only for a fixed permeability per membrane: while merged, the layers add no branch of their own
+        (whatever permeability is set, e.g. by facilitated transport, is ignored), and ``unmerge`` puts the
+        routing back as it was.
         """
+        if not self.attached:
+            raise RuntimeError("this membrane bank was detached; attach the membranes again to merge them")
+        if self.merged is not None:
+            raise RuntimeError("the membranes are merged already; unmerge them before merging again")
         gamma = torch.as_tensor(gamma, dtype=torch.float32)
         if gamma.shape != (self.num_membranes,):
             raise ValueError(f"merge needs one permeability per membrane ({self.num_membranes}), got {tuple(gamma.shape)}")
-        self.router.set(None)
         slot_w = gamma[self.router.slot_owner] * self.router.slot_scale
         originals = {}
         for path, layer in self.layers.items():
@@ -489,12 +515,16 @@ class MembraneBank:
             originals[path] = weight.detach().clone()
             delta = layer.delta_weight(slot_w.to(layer.down.device))
             weight.add_(delta.to(weight.dtype))
-        return MergedWeights(self, originals)
+        self.router.merged = True
+        self.merged = MergedWeights(self, originals)
+        return self.merged
 
     def detach(self) -> None:
-        """Put the original layers back; the bank cannot be used afterwards."""
+        """Put the original layers back (unmerging first if merged); the bank cannot be used afterwards."""
         if not self.attached:
             return
+        if self.merged is not None:
+            self.merged.unmerge()
         for path, layer in self.layers.items():
             _set_submodule(self.unet, path, layer.base_layer)
         self.router.set(None)
@@ -508,9 +538,13 @@ class MergedWeights:
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Restore the base weights bit for bit; the layers apply their membranes dynamically again."""
         for path, weight in self.originals.items():
             self.bank.layers[path].base_layer.weight.copy_(weight)
         self.originals = {}
+        if self.bank.merged is self:
+            self.bank.merged = None
+            self.bank.router.merged = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,6 +621,11 @@ def validate_weights(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank
     if not weights:
         raise MembraneFormatError(f"{prefix}membrane holds no layers")
     for key, (down, up) in weights.items():
+        if (down.dim(), up.dim()) not in ((2, 2), (4, 4)):
+            raise MembraneFormatError(
+                f"{prefix}{key}: down {tuple(down.shape)} / up {tuple(up.shape)} are neither a Linear's "
+                "(two 2-D weights) nor a convolution's (two 4-D weights)"
+            )
         if down.shape[0] != rank or up.shape[1] != rank:
             raise MembraneFormatError(
                 f"{prefix}{key}: down {tuple(down.shape)} / up {tuple(up.shape)} do not match rank {rank}"
@@ -621,12 +660,18 @@ def load_membrane(url) -> Membrane:
     try:
         rank = int(meta["rank"])
         alpha = float(meta["alpha"])
-        concepts = tuple(json.loads(meta["concepts"]))
+        concepts = json.loads(meta["concepts"])
         trainer = json.loads(meta["trainer"])
     except (ValueError, TypeError) as exc:
         raise MembraneFormatError(f"{url}: malformed metadata ({exc})") from None
     if rank <= 0:
         raise MembraneFormatError(f"{url}: rank must be positive, got {rank}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise MembraneFormatError(f"{url}: alpha must be a positive finite number, got {meta['alpha']!r}")
+    if not isinstance(concepts, list) or not all(isinstance(c, str) and c.strip() for c in concepts):
+        raise MembraneFormatError(f"{url}: concepts must be a JSON list of non-empty strings, "
+                                  f"got {meta['concepts']!r}")
+    concepts = tuple(concepts)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     names = set()
     for key in tensors:

@@ -58,6 +58,11 @@ def detect_family(pipe) -> str:
     from diffusers import UNet2DConditionModel
 
     unet = getattr(pipe, "unet", None)
+    if isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel):
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__}.unet is compiled (torch.compile); equip membranes on the plain UNet "
+            "and compile it afterwards"
+        )
     if not isinstance(unet, UNet2DConditionModel):
         raise UnsupportedModelError(
             f"{type(pipe).__name__} has no UNet2DConditionModel; supported families: "

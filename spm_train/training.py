@@ -147,6 +147,9 @@ class PackTrainer:
         self.device = self.model.device
         # membranes, latents and losses are fp32 at least (fp64 on an fp64 base)
         self.compute_dtype = torch.promote_types(torch.float32, self.unet.dtype)
+        # restored by close(): which parameters wanted gradients, and train/eval mode
+        self._unet_state = ({name for name, p in self.unet.named_parameters() if p.requires_grad},
+                            self.unet.training)
         self.unet.requires_grad_(False)
         self.unet.eval()
         self.fingerprint = base_fingerprint(self.unet)
@@ -480,11 +483,16 @@ class PackTrainer:
         )
 
     def close(self) -> None:
-        """Detach the membranes: the pipeline's UNet is as it was before training."""
+        """Detach the membranes: the pipeline's UNet is as it was before training (layers, memory format,
+        which parameters require gradients, train/eval mode)."""
         self.bank.detach()
         if self.made_channels_last:
             self.unet.to(memory_format=torch.contiguous_format)
             self.made_channels_last = False
+        wanted_grad, training = self._unet_state
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(name in wanted_grad)
+        self.unet.train(training)
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_identity(self) -> dict[str, str]:

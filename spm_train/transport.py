@@ -71,7 +71,7 @@ def permeability(prompt_embeds: torch.Tensor, prompt_ids: Sequence[set[int] | No
                  concept_embeds: torch.Tensor, concept_ids: Sequence[set[int]], owners: Sequence[int],
                  num_membranes: int, facilitate: float = 1.0, *, similarity: str = "paper",
                  prompt_masks: Sequence[torch.Tensor | None] | None = None,
-                 concept_masks: Sequence[torch.Tensor] | None = None, threshold: float = 0.7) -> torch.Tensor:
+                 concept_masks: Sequence[torch.Tensor] | None = None, threshold: float = 0.85) -> torch.Tensor:
     """``[batch, membranes]`` permeabilities. ``owners[c]`` is the membrane that erased concept ``c``.
 
     ``similarity="paper"``: cosine of the flattened embeddings; ``"content"``: ``content_cosine`` (needs
@@ -117,14 +117,20 @@ class MembraneHandle:
         self.last_permeability: torch.Tensor | None = None
         self._hooks = []
         self._rows: deque = deque(maxlen=256)
+        self._calls = 0  # text-encoder calls seen, to tell a CFG batch's negative half from its prompts
         self._memo = None
-        if transport:
-            self._setup_concepts()
-            self._hooks.append(pipe.text_encoder.register_forward_hook(self._record_tokens, with_kwargs=True))
-            self._hooks.append(pipe.unet.register_forward_pre_hook(self._open, with_kwargs=True))
-        else:
-            self.bank.set_permeability(self.scales.to(self.model.device).unsqueeze(0))
-            self.last_permeability = self.scales.unsqueeze(0)
+        self._warned_unknown = False
+        try:
+            if transport:
+                self._setup_concepts()
+                self._hooks.append(pipe.text_encoder.register_forward_hook(self._record_tokens, with_kwargs=True))
+                self._hooks.append(pipe.unet.register_forward_pre_hook(self._open, with_kwargs=True))
+            else:
+                self.bank.set_permeability(self.scales.to(self.model.device).unsqueeze(0))
+                self.last_permeability = self.scales.unsqueeze(0)
+        except BaseException:
+            self.remove()  # a failed set-up leaves the pipeline as it was
+            raise
 
     def _setup_concepts(self) -> None:
         prompts, owners = [], []
@@ -149,18 +155,37 @@ class MembraneHandle:
         if hidden_states is not None:
             candidates.append(hidden_states[-2])
         special = torch.tensor(sorted(special_ids(self.pipe.tokenizer)), device=input_ids.device)
+        self._calls += 1
         for r in range(input_ids.shape[0]):
             mask = ~torch.isin(input_ids[r], special)
             ids = set(input_ids[r][mask].tolist())
-            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates]))
+            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates], self._calls))
 
-    def _tokens_of(self, row: torch.Tensor) -> tuple[set[int] | None, torch.Tensor | None]:
-        for ids, mask, candidates in reversed(self._rows):
+    def _tokens_of(self, row: torch.Tensor) -> tuple[set[int] | None, torch.Tensor | None, int | None]:
+        """Token ids, content mask and text-encoder call number of the latest encoding equal to ``row``."""
+        for ids, mask, candidates, call in reversed(self._rows):
             for cand in candidates:
                 width = cand.shape[-1]
                 if cand.shape == row[..., :width].shape and torch.equal(cand.to(row.dtype), row[..., :width]):
-                    return ids, mask
-        return None, None
+                    return ids, mask, call
+        return None, None, None
+
+    def _cfg_pairs(self, calls: list[int | None]) -> bool:
+        """Whether the batch is ``[negative half, prompt half]`` of classifier-free guidance.
+
+        Diffusers pipelines encode the prompts, then (only when guiding) the negative prompts, and pass
+        ``cat([negative, prompt])``: a batch whose first half was encoded after its second half is such a
+        pair, one whose halves came from one call is not. Rows not encoded by this pipeline's text encoder
+        (embeddings passed in, SDXL's zeroed negatives) leave only the pipeline's own guidance flag."""
+        half = len(calls) // 2
+        if half == 0 or len(calls) % 2:
+            return False
+        if None not in calls:
+            return all(calls[b] > calls[half + b] for b in range(half))
+        try:
+            return bool(self.pipe.do_classifier_free_guidance)
+        except AttributeError:
+            return False
 
     def _open(self, module, args, kwargs):
         hidden = kwargs.get("encoder_hidden_states")
@@ -169,12 +194,20 @@ class MembraneHandle:
         if hidden is None:
             self.bank.set_permeability(None)
             return None
-        cfg_pairs = self._classifier_free_guidance() and hidden.shape[0] % 2 == 0
         # a pipeline passes the same embedding tensor at every denoising step: score it once
-        if self._memo is not None and self._memo[0] is hidden and self._memo[1] == (hidden._version, cfg_pairs):
+        if (self._memo is not None and self._memo[0] is hidden and self._memo[1] == hidden._version
+                and self._memo[3] == self._calls):
             self.bank.set_permeability(self._memo[2])
             return None
         found = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
+        cfg_pairs = self._cfg_pairs([f[2] for f in found])
+        unknown = [b for b, f in enumerate(found) if f[0] is None and not (cfg_pairs and b < len(found) // 2)]
+        if unknown and self.similarity == "content" and not self._warned_unknown:
+            logger.warning("transport: %d prompt embedding(s) did not come from this pipeline's text encoder "
+                           "(embeddings passed in or reweighted), so their tokens are unknown and their "
+                           "permeability is the paper's whole-embedding cosine, not the content similarity",
+                           len(unknown))
+            self._warned_unknown = True
         gamma = permeability(hidden, [f[0] for f in found], self.concept_embeds, self.concept_ids,
                              self.concept_owner, len(self.membranes), self.facilitate, similarity=self.similarity,
                              prompt_masks=[f[1] for f in found], concept_masks=self.concept_masks,
@@ -185,15 +218,9 @@ class MembraneHandle:
             half = hidden.shape[0] // 2
             gamma = torch.cat([gamma[half:], gamma[half:]])
         self.last_permeability = gamma.detach().cpu()
-        self._memo = (hidden, (hidden._version, cfg_pairs), gamma)
+        self._memo = (hidden, hidden._version, gamma, self._calls)
         self.bank.set_permeability(gamma)
         return None
-
-    def _classifier_free_guidance(self) -> bool:
-        try:
-            return bool(self.pipe.do_classifier_free_guidance)
-        except AttributeError:
-            return False
 
     # -- lifetime --------------------------------------------------------------------------
     def remove(self) -> None:

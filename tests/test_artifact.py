@@ -100,6 +100,31 @@ def test_non_positive_rank_and_missing_metadata_are_refused(saved, tmp_path):
         load_membrane(_write(tmp_path / "m.safetensors", tensors, partial))
 
 
+@pytest.mark.parametrize("alpha", ["nan", "inf", "0", "-1"])
+def test_alpha_must_be_positive_and_finite(saved, tmp_path, alpha):
+    tensors, meta = saved
+    tensors = {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v) for k, v in tensors.items()}
+    with pytest.raises(MembraneFormatError, match="alpha must be a positive finite number"):
+        load_membrane(_write(tmp_path / "a.safetensors", tensors, dict(meta, alpha=alpha, ss_network_alpha=alpha)))
+
+
+@pytest.mark.parametrize("concepts", ['"snoopy"', '{"snoopy": 1}', "[1, 2]", '[""]', "[snoopy"])
+def test_concepts_must_be_a_list_of_names(saved, tmp_path, concepts):
+    tensors, meta = saved
+    with pytest.raises(MembraneFormatError, match="concepts must be a JSON list|malformed metadata"):
+        load_membrane(_write(tmp_path / "c.safetensors", tensors, dict(meta, concepts=concepts)))
+
+
+def test_weights_of_the_wrong_dimensionality_are_format_errors(saved, tmp_path):
+    tensors, meta = saved
+    up = next(k for k in tensors if k.endswith("lora_up.weight"))
+    down = up.replace("lora_up", "lora_down")
+    for key, value in ((up, tensors[up].reshape(-1)), (up, tensors[up].unsqueeze(-1)), (down, tensors[down][0, 0])):
+        bad = dict(tensors, **{key: value})
+        with pytest.raises(MembraneFormatError, match="neither a Linear's"):
+            load_membrane(_write(tmp_path / "d.safetensors", bad, meta))
+
+
 def test_garbage_and_missing_files_get_one_line(tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"\x00" * 64)

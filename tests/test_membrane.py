@@ -125,6 +125,31 @@ def test_merge_matches_routing_and_unmerge_is_bit_exact(fresh_sd1):
     assert all(torch.equal(l.base_layer.weight, weights[p]) for p, l in bank.layers.items())
 
 
+def test_merged_membranes_are_not_applied_twice_and_detach_restores_the_base(fresh_sd1):
+    unet = fresh_sd1.unet
+    originals = {k: v.clone() for k, v in unet.state_dict().items()}
+    base = _unet_out(unet)
+    bank = MembraneBank.attach(unet, count=1)
+    _randomise_up(bank)
+    bank.set_permeability(torch.tensor([1.0]))
+    routed = _unet_out(unet)
+    merged = bank.merge([1.0])
+    bank.set_permeability(torch.tensor([1.0]))  # as a transport hook would at every call
+    torch.testing.assert_close(_unet_out(unet), routed, rtol=1e-4, atol=1e-5)
+    try:
+        bank.merge([1.0])
+    except RuntimeError as exc:
+        assert "merged already" in str(exc)
+    else:
+        raise AssertionError("merging twice must be refused")
+    merged.unmerge()
+    torch.testing.assert_close(_unet_out(unet), routed)  # routing is back after unmerge
+    bank.merge([0.5])
+    bank.detach()  # unmerges first
+    assert all(torch.equal(v, originals[k]) for k, v in unet.state_dict().items())
+    assert torch.equal(_unet_out(unet), base)
+
+
 def test_permeability_batch_mismatch_is_reported(fresh_sd1):
     bank = MembraneBank.attach(fresh_sd1.unet, count=1)
     bank.set_permeability(torch.ones(3, 1))

@@ -121,8 +121,14 @@ def test_training_leaves_the_pipeline_unchanged(fresh_sd1):
     x, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
     with torch.no_grad():
         before = unet(x, 10, encoder_hidden_states=ehs).sample
+    unet.train()  # a UNet someone is fine-tuning: some parameters trainable, in train mode
+    unet.conv_in.requires_grad_(False)
+    wanted = {name for name, p in unet.named_parameters() if p.requires_grad}
     train_membranes(fresh_sd1, [CAT], SMOKE, progress=False)
     assert not any(isinstance(m, MembraneLayer) for m in unet.modules())
+    assert unet.training and {name for name, p in unet.named_parameters() if p.requires_grad} == wanted
+    assert "conv_in.weight" not in wanted and "conv_out.weight" in wanted
+    unet.eval()
     with torch.no_grad():
         assert torch.equal(unet(x, 10, encoder_hidden_states=ehs).sample, before)
 

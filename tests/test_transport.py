@@ -134,3 +134,78 @@ def test_pipeline_transport_with_content_similarity(fresh_sd1):
     assert gamma[1] < paper[1]
     with pytest.raises(ValueError, match="similarity 'fuzzy'"):
         apply_membranes(fresh_sd1, [m], similarity="fuzzy")
+
+
+def test_guidance_pairs_are_read_from_the_batch_not_from_the_last_pipeline_call(fresh_sd1):
+    """After a guided call, a guidance-1 batch from another pipeline on the same UNet (or a direct UNet
+    call) scores every row by its own prompt; a guided batch pairs each negative row with its prompt."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = fresh_sd1
+    m = _membrane(pipe, "snoopy", "snoopy", 1)
+    with apply_membranes(pipe, [m]) as handle:
+        pipe(["a red car"], num_inference_steps=2, guidance_scale=7.5, output_type="pt")
+        guided = handle.last_permeability[:, 0]
+        assert guided.shape == (2,) and guided[0] == guided[1] < 1  # the negative row follows "a red car"
+        img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        image = torch.rand(2, 3, 32, 32)
+        img2img(["snoopy", "a red car"], image=image, num_inference_steps=2, strength=1.0,
+                guidance_scale=1.0, output_type="pt")
+        gamma = handle.last_permeability[:, 0]
+        assert gamma[0] == pytest.approx(1.0) and gamma[1] < 1
+        # a direct UNet call on embeddings of one encoder call: no pairs either
+        hidden, _ = pipe.encode_prompt(["a red car", "snoopy"], "cpu", 1, False)
+        pipe.unet(torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), encoder_hidden_states=hidden)
+        gamma = handle.last_permeability[:, 0]
+        assert gamma[1] == pytest.approx(1.0) and gamma[0] < 1
+
+
+def test_a_failed_set_up_leaves_the_pipeline_as_it_was(fresh_sd1, monkeypatch):
+    from spm_train.transport import MembraneHandle
+
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+
+    def broken(self):
+        raise RuntimeError("tokenizer failed")
+
+    monkeypatch.setattr(MembraneHandle, "_setup_concepts", broken)
+    with pytest.raises(RuntimeError, match="tokenizer failed"):
+        apply_membranes(fresh_sd1, [m])
+    assert not any(isinstance(mod, MembraneLayer) for mod in fresh_sd1.unet.modules())
+    monkeypatch.undo()
+    with apply_membranes(fresh_sd1, [m]) as handle:  # the pipeline takes membranes again
+        assert handle.bank.num_layers > 0
+
+
+def test_embeddings_from_elsewhere_are_scored_by_the_paper_cosine_with_a_warning(fresh_sd1, caplog):
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+    hidden, _ = fresh_sd1.encode_prompt(["a red car"], "cpu", 1, False)
+    with apply_membranes(fresh_sd1, [m]) as handle, caplog.at_level("WARNING", logger="spm_train.transport"):
+        reweighted = hidden * 1.0001  # what prompt-weighting tools hand the pipeline
+        fresh_sd1.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), encoder_hidden_states=reweighted)
+        gamma = handle.last_permeability[0, 0]
+    torch.testing.assert_close(gamma, cosine_matrix(reweighted, handle.concept_embeds)[0, 0])
+    assert "did not come from this pipeline's text encoder" in caplog.text
+
+
+def test_fused_projections_and_lora_wrapped_layers_are_refused_by_name(fresh_sd1):
+    from spm_train.errors import IncompatibleMembraneError
+
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+    fresh_sd1.unet.fuse_qkv_projections()
+    try:
+        with pytest.raises(IncompatibleMembraneError, match="fused"):
+            apply_membranes(fresh_sd1, [m])
+    finally:
+        fresh_sd1.unet.unfuse_qkv_projections()
+    path, linear = next((p, mod) for p, mod in fresh_sd1.unet.named_modules() if p.endswith("attn2.to_k"))
+    wrapper = torch.nn.Module()
+    wrapper.base_layer = linear
+    parent, _, child = path.rpartition(".")
+    setattr(fresh_sd1.unet.get_submodule(parent), child, wrapper)
+    try:
+        with pytest.raises(IncompatibleMembraneError, match="LoRA adapters"):
+            apply_membranes(fresh_sd1, [m])
+    finally:
+        setattr(fresh_sd1.unet.get_submodule(parent), child, linear)
+    assert not any(isinstance(mod, MembraneLayer) for mod in fresh_sd1.unet.modules())

@@ -43,3 +43,18 @@ def test_generate_loads_named_versions_and_writes_original_and_membrane_images(t
     assert np.abs(original - edited).max() > 0  # fully open membranes (transport off) change the image
     # the grid is remembered with each version for its model card
     assert reg.image_of(reg.resolve("snoopy@production")) == result.grid
+
+
+def test_a_resolution_the_vae_cannot_decode_is_refused_before_any_image(tmp_path, membrane_file):
+    import pytest
+
+    from pipelines.generate import generate
+    from spm_train.errors import ConfigError
+
+    reg = Registry.open(tmp_path / "reg")
+    reg.register(membrane_file("snoopy", 0), concept="snoopy",
+                 validation=ValidationReport(structural="passed", behavioural="passed"))
+    cfg = compose_generate(tmp_path, "membranes=[snoopy]", "prompt=snoopy", "resolution=30")
+    with pytest.raises(ConfigError, match="resolution=30: must be a positive multiple of"):
+        generate(cfg, run_dir=str(tmp_path / "gen"))
+    assert not list((tmp_path / "gen").glob("*.png"))
