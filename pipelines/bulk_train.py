@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.schema import register
@@ -156,9 +158,10 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         cluster, pack_size = _setup_cluster(cfg)
     except ConfigError as exc:
         problems += exc.problems
+    problems += _check_stages(cfg, concepts)
     if problems:
         raise ConfigError("bulk run", problems)
-    
+
     model, family, fingerprint = _setup_model(cfg)
     sweep = {k: list(v) for k, v in OmegaConf.to_container(cfg.sweep, resolve=True).items()}
     tasks = expand(concepts, trainer, sweep, fingerprint)
@@ -173,6 +176,35 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             todo.append(task)
     return RunPlan(concepts, trainer, pack(todo, pack_size), cached, fingerprint, family, store, model,
                    cluster, sweep)
+
+
+def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
+    """Problems of the stages after training (evaluation, registry, tracking), found before it starts."""
+    from pipelines.evaluate import check_eval_config
+    from spm_train.registry.publish import check_registry_config
+    from spm_train.tracking import check_tracking
+
+    problems = check_tracking(OmegaConf.to_container(cfg.tracking, resolve=True))
+    for name, folder in (("paths.root", cfg.paths.root), ("paths.store", cfg.paths.store),
+                         ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None)):
+        if folder and "://" not in str(folder) and not _writable(str(folder)):
+            problems.append(f"{name}={folder}: cannot create or write this folder")
+    if concepts:
+        problems += check_eval_config(cfg, concepts)
+        if cfg.registry.enabled:
+            problems += check_registry_config(_registry_section(cfg), [c.name for c in concepts])
+    return problems
+
+
+def _writable(folder: str) -> bool:
+    """Whether ``folder`` exists writable, or its nearest existing parent would let it be made."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -311,14 +343,20 @@ def print_summary(summary: RunSummary) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # in a multirun (-m) a failed job is logged and the sweep goes on to the next one
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg)
     except SPMError as exc:
         logger.error("%s", exc)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        return
     print_summary(summary)
     if summary.failed:
-        sys.exit(1)
+        logger.error("%d concept(s) failed: %s", len(summary.failed), ", ".join(r.concept for r in summary.failed))
+        if not multirun:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

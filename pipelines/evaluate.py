@@ -59,6 +59,41 @@ def scorer_from(cfg: DictConfig, source: str):
     raise ConfigError("eval config", [f"eval.kind {cfg.eval.kind!r} cannot score; use toyworld or clip"])
 
 
+def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec]) -> list[str]:
+    """Every problem of the eval section that would otherwise surface after training."""
+    from spm_train.transport import SIMILARITIES
+
+    e = cfg.eval
+    if not e.enabled:
+        return []
+    problems = []
+    if e.similarity not in SIMILARITIES:
+        problems.append(f"eval.similarity={e.similarity}: one of {', '.join(SIMILARITIES)}")
+    if e.kind == "clip":
+        if not e.clip_path:
+            problems.append("eval.kind=clip needs eval.clip_path (a local CLIP model folder)")
+        elif not os.path.isdir(str(e.clip_path)):
+            problems.append(f"eval.clip_path={e.clip_path}: no such folder")
+    elif e.kind == "toyworld":
+        source = str(cfg.model.source)
+        if not source.startswith("toyworld"):
+            problems.append(f"eval=toyworld scores with the ToyWorld classifier, which only reads the ToyWorld "
+                            f"model's images, but model.source is {source}; use eval=none, or eval.kind=clip "
+                            "with eval.clip_path")
+        else:
+            from spm_train.evaluate import ToyWorldScorer
+
+            scorer = ToyWorldScorer()
+            for c in concepts:
+                try:
+                    scorer.concept_attribute(c)
+                except ValueError as exc:
+                    problems.append(str(exc))
+    else:
+        problems.append(f"eval.kind={e.kind}: toyworld or clip (or eval=none to skip evaluation)")
+    return problems
+
+
 def train_ablations(pipe, concepts: list[ConceptSpec], trainer: TrainerConfig, store_root: str, fingerprint: str):
     """Each concept trained without latent anchoring (same trainer), cached in the result store."""
     from spm_train.bulk.plan import result_key

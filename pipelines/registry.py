@@ -3,6 +3,7 @@
     python -m pipelines.registry list [--json]
     python -m pipelines.registry show snoopy@production           # or snoopy:v3, or snoopy (latest)
     python -m pipelines.registry promote snoopy:v3 production [--force --reason "..."]
+    python -m pipelines.registry unalias snoopy candidate          # take an alias off a concept
     python -m pipelines.registry verify                           # re-hash every blob, check the index
     python -m pipelines.registry export bundle/ [snoopy:v3 ...]   # manifest, files, model cards
     python -m pipelines.registry import bundle/
@@ -19,6 +20,7 @@ import datetime
 import json
 import logging
 import os
+import sqlite3
 import sys
 
 from spm_train.errors import SPMError
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("alias")
     pr.add_argument("--force", action="store_true", help="promote a version that did not pass validation")
     pr.add_argument("--reason", default="", help="recorded with the promotion")
+    un = sub.add_parser("unalias", help="take an alias off a concept")
+    un.add_argument("concept")
+    un.add_argument("alias")
     sub.add_parser("verify", help="re-hash every blob and check the index")
     ex = sub.add_parser("export", help="write a bundle: manifest.json, membranes, model cards")
     ex.add_argument("dir")
@@ -113,6 +118,13 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_unalias(args) -> int:
+    with _open(args) as reg:
+        reg.remove_alias(args.concept, args.alias)
+    print(f"removed {args.concept}@{args.alias}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     with _open(args) as reg:
         problems = reg.verify()
@@ -149,7 +161,7 @@ def cmd_gc(args) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "verify": cmd_verify,
+COMMANDS = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "unalias": cmd_unalias, "verify": cmd_verify,
             "export": cmd_export, "import": cmd_import, "gc": cmd_gc}
 
 
@@ -160,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (SPMError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        print(f"error: the registry index cannot be read ({exc}); restore it from a backup or re-import "
+              "an exported bundle", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,11 @@ ACTIONS = (ERASE, ERASE_WITH_ANCHORING)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
+def valid_name(name) -> bool:
+    """A concept name: letters, digits, ``_ . -``, starting with a letter or digit (safe as a file name)."""
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
 @dataclass
 class ConceptSpec:
     """One concept to erase.

@@ -115,11 +115,44 @@ def _artifact_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
+def check_tracking(tracking: Mapping[str, Any]) -> list[str]:
+    """Every problem of a tracking section, found before a run starts rather than when it logs."""
+    backend = tracking.get("backend", "disabled")
+    if backend in ("disabled", "none", None):
+        return []
+    if backend != "wandb":
+        return [f"tracking.backend={backend}: wandb or disabled"]
+    mode = tracking.get("mode", "offline")
+    if mode not in ("offline", "online"):
+        return [f"tracking.mode={mode}: offline or online"]
+    if mode == "online" and os.environ.get("WANDB_MODE", "").lower() not in ("disabled", "offline") \
+            and not _wandb_key_known():
+        return ["tracking=online needs a W&B API key (WANDB_API_KEY, or `wandb login`); tracking=offline logs "
+                "locally and `wandb sync` uploads later"]
+    return []
+
+
+def _wandb_key_known() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        hosts = netrc.netrc(os.environ.get("NETRC")).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+    return base in hosts
+
+
 @contextlib.contextmanager
 def open_tracker(tracking: Mapping[str, Any], *, root: str, config: Mapping[str, Any] | None = None,
                  name: str | None = None, job_type: str = "bulk_train") -> Iterator[NullTracker]:
     """A tracker for ``tracking`` (the ``TrackingConfig`` as a dict); the run always finishes."""
     backend = tracking.get("backend", "disabled")
+    if backend == "wandb" and os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        logger.info("WANDB_MODE=disabled: tracking off for this run")
+        backend = "disabled"
     if backend in ("disabled", "none", None):
         yield NullTracker()
         return

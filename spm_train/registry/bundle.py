@@ -127,8 +127,12 @@ def import_bundle(registry: Registry, directory: str) -> list[Version]:
         raise RegistryError(f"{path} is not valid JSON ({exc})") from None
     if manifest.get("format") != BUNDLE_FORMAT:
         raise RegistryError(f"{path}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    entries = manifest.get("versions", [])
-    problems = []
+    entries = manifest.get("versions", []) if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise RegistryError(f"{path}: 'versions' must be a list of entries")
+    problems = [p for i, e in enumerate(entries) for p in _entry_problems(i, e, directory)]
+    if problems:
+        raise RegistryError(f"refusing to import {path}: " + "; ".join(problems))
     for e in entries:  # check everything before importing anything
         file = os.path.join(directory, e["file"])
         if not os.path.exists(file):
@@ -147,12 +151,37 @@ def import_bundle(registry: Registry, directory: str) -> list[Version]:
                               lineage=lineage, metrics=e.get("metrics"))
         new = v.new
         for alias in e.get("aliases", []):
-            if alias == LATEST or (alias == "production" and v.status != "passed"):
+            if alias == LATEST or (alias.lower() == "production" and v.status != "passed"):
+                continue
+            held = registry.index.alias(v.concept, alias)
+            if held is not None and held != v.version:  # the receiving registry's own choice stands
+                logger.warning("import: %s@%s stays on v%d here (the bundle puts it on %s)", v.concept, alias,
+                               held, v.ref)
                 continue
             v = registry.promote(v.ref, alias, reason=f"imported from {directory}")
         v.new = new
         imported.append(v)
     return imported
+
+
+def _entry_problems(i: int, e: Any, directory: str) -> list[str]:
+    """What is wrong with manifest entry ``i`` (types, and a file that stays inside the bundle)."""
+    if not isinstance(e, dict):
+        return [f"entry {i} is not an object"]
+    expected = {"concept": str, "version": int, "file": str, "sha256": str}
+    problems = [f"entry {i}: {key!r} must be a {kind.__name__}" for key, kind in expected.items()
+                if not isinstance(e.get(key), kind) or isinstance(e.get(key), bool)]
+    if not isinstance(e.get("aliases", []), list) or not all(isinstance(a, str) for a in e.get("aliases", [])):
+        problems.append(f"entry {i}: 'aliases' must be a list of names")
+    validation = e.get("validation") or {}
+    known = {"structural", "behavioural", "reasons", "metrics", "gates", "status"}
+    if not isinstance(validation, dict) or set(validation) - known:
+        problems.append(f"entry {i}: 'validation' must be an object with keys among {sorted(known)}")
+    if isinstance(e.get("file"), str):
+        inside = os.path.realpath(os.path.join(directory, e["file"]))
+        if os.path.commonpath([inside, os.path.realpath(directory)]) != os.path.realpath(directory):
+            problems.append(f"entry {i}: file {e['file']!r} lies outside the bundle")
+    return problems
 
 
 def _json_list(value: Any) -> list[str]:

@@ -12,20 +12,24 @@ alias is set by ``promote`` and names one version of a concept at a time.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..config import valid_name
 from ..errors import SPMError
 from ..membrane import Membrane, load_membrane
 from .blobs import BlobStore, sha256_bytes, sha256_file
 from .faults import pause_point
 from .index import Index, log_event
-from .validate import FAILED, PASSED, ValidationReport
+from .validate import FAILED, PASSED, ValidationReport, check_structure
 
 logger = logging.getLogger(__name__)
 
@@ -107,19 +111,31 @@ class Registry:
 
     @classmethod
     def open(cls, root: str, blobs: str | None = None, create: bool = True) -> "Registry":
-        """Open (or create) the registry at ``root`` (a local folder: the index is SQLite).
+        """Open (or create) the registry at ``root`` (a local or shared-filesystem folder: the index is SQLite).
 
-        ``blobs`` is any fsspec URL; it is recorded at creation and must agree afterwards.
+        ``blobs`` is any fsspec URL; it is recorded at creation and must agree afterwards. A blob folder
+        inside ``root`` is recorded relative to it, so a copied or moved registry keeps using its own.
+        Without ``create`` the registry must exist and is opened without taking the write lock.
         """
+        if "://" in str(root):
+            raise RegistryError(f"registry root {root} is a URL; the index is SQLite and needs a local or shared "
+                                "filesystem folder (blobs may live at a URL: registry.blobs)")
         root = os.path.abspath(os.path.expanduser(str(root)))
         path = os.path.join(root, cls.INDEX_NAME)
         if not create and not os.path.exists(path):
             raise RegistryError(f"no registry at {root} (no {cls.INDEX_NAME}); register a membrane first")
-        index = Index(path)
-        stored = index.set_meta_default("blobs", str(blobs or os.path.join(root, "blobs")))
-        if blobs and str(blobs) != stored:
-            logger.warning("registry %s keeps its blobs at %s (asked for %s); using %s", root, stored, blobs, stored)
-        return cls(index, BlobStore(stored), root)
+        wanted = _blob_entry(str(blobs) if blobs else "blobs", root)
+        try:
+            index = Index(path, create=create)
+            stored = index.set_meta_default("blobs", wanted) if create else index.get_meta("blobs") or wanted
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"{path} is not a readable registry index ({exc}); restore it from a backup "
+                                "or re-import an exported bundle") from None
+        location = _blob_location(stored, root)
+        if blobs and _blob_location(wanted, root) != location:
+            logger.warning("registry %s keeps its blobs at %s (asked for %s); using %s", root, location, blobs,
+                           location)
+        return cls(index, BlobStore(location), root)
 
     def close(self) -> None:
         self.index.close()
@@ -196,10 +212,14 @@ class Registry:
         Idempotent: bytes already registered for ``concept`` return their existing version (``new`` False)
         and nothing is written. Extra ``aliases`` are set on a new version (``production`` only if it passed).
         """
+        if not valid_name(concept):
+            raise RegistryError(f"bad concept name {concept!r}: letters, digits, _ . - (starting with a letter "
+                                "or digit)")
         data = source if isinstance(source, bytes) else _read(source)
         report = validation if isinstance(validation, ValidationReport) else \
             ValidationReport.from_dict(validation) if validation else ValidationReport(
                 structural="not_evaluated", reasons=["not validated before registration"])
+        report = _recheck_structure(data, concept, report)
         metadata = _header_metadata(data)
         sha = sha256_bytes(data)
         existing = self._by_hash(concept, sha)
@@ -227,6 +247,9 @@ class Registry:
                              "updated = excluded.updated, forced = 0", (concept, LATEST, number, now))
                 log_event(conn, concept, number, "register", sha256=sha, status=status, reasons=report.reasons)
                 for alias in aliases:
+                    if _protected(alias) and status != PASSED:
+                        logger.warning("%s:v%d is %s: not setting %r at registration", concept, number, status, alias)
+                        continue
                     self._set_alias(conn, concept, number, status, alias, force=False, note="set at registration")
                 self.blobs.commit(staged)  # the blob is in place before the row becomes visible
                 pause_point("before-index-commit")
@@ -265,7 +288,7 @@ class Registry:
         if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
             raise RegistryError(f"bad alias {alias!r}: letters, digits, _ . - (and not of the form vN)")
         forced = False
-        if alias in PROTECTED_ALIASES and status != PASSED:
+        if _protected(alias) and status != PASSED:
             if not force:
                 reasons = "; ".join(self.index.version(concept, number)["validation"].get("reasons", [])) or status
                 raise RegistryError(f"refusing to promote {concept}:v{number} to {alias}: validation {status} "
@@ -279,6 +302,20 @@ class Registry:
                      (concept, alias, number, time.time(), int(forced)))
         log_event(conn, concept, number, "promote", alias=alias, forced=forced, status=status, note=note,
                   previous=None if previous is None else previous["version"], user=_user())
+
+    def remove_alias(self, concept: str, alias: str) -> None:
+        """Take ``alias`` off the concept (recorded in the event log); ``latest`` cannot be removed."""
+        if alias == LATEST:
+            raise RegistryError(f"'{LATEST}' follows the newest version automatically and cannot be removed")
+        with self.index.write() as conn:
+            row = conn.execute("SELECT version FROM aliases WHERE concept = ? AND alias = ?",
+                               (concept, alias)).fetchone()
+            if row is None:
+                have = ", ".join(a["alias"] for a in self.index.aliases(concept)) or "none"
+                raise RegistryError(f"{concept} has no alias {alias!r} (aliases: {have})")
+            conn.execute("DELETE FROM aliases WHERE concept = ? AND alias = ?", (concept, alias))
+            log_event(conn, concept, row["version"], "unalias", alias=alias, user=_user())
+        logger.info("removed %s@%s (was v%d)", concept, alias, row["version"])
 
     def record_image(self, ref: str | Version, path: str, prompt: str = "") -> None:
         """Note a before/after image made with this version (shown in its exported model card)."""
@@ -319,7 +356,8 @@ class Registry:
         """Remove blobs no version points to (and writers' stale temporary files); returns what went."""
         removed = []
         # under the write lock: no registration is between renaming its blob and committing its row
-        with self.index.write():
+        # (a dry run only reads, and may list a blob whose registration is about to commit)
+        with contextlib.nullcontext() if dry_run else self.index.write():
             referenced = {v.sha256 for v in self.versions()}
             for sha in self.blobs.list():
                 if sha not in referenced:
@@ -333,6 +371,42 @@ class Registry:
         for path in removed:
             logger.info("gc: %s %s", "would remove" if dry_run else "removed", path)
         return removed
+
+
+def _protected(alias: str) -> bool:
+    return alias.lower() in PROTECTED_ALIASES
+
+
+def _blob_entry(blobs: str, root: str) -> str:
+    """How the index records the blob location: relative to ``root`` when inside it, else as given."""
+    if "://" in blobs:
+        return blobs
+    path = os.path.abspath(os.path.join(root, os.path.expanduser(blobs)))
+    rel = os.path.relpath(path, root)
+    return rel if rel != ".." and not rel.startswith(".." + os.sep) else path
+
+
+def _blob_location(entry: str, root: str) -> str:
+    if "://" in entry or os.path.isabs(entry):
+        return entry
+    return os.path.join(root, entry)
+
+
+def _recheck_structure(data: bytes, concept: str, report: ValidationReport) -> ValidationReport:
+    """Load the bytes as a membrane whatever the report claims: a file that does not load, or loads with
+    problems, is recorded as structurally failed; a membrane of another concept is refused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "membrane.safetensors")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        membrane, problems = check_structure(path)
+    if membrane is not None and membrane.name != concept:
+        raise RegistryError(f"the file is membrane {membrane.name!r} (erasing {', '.join(membrane.concepts) or '?'}); "
+                            f"refusing to register it as {concept!r}")
+    if not problems or report.structural == FAILED:
+        return report
+    return dataclasses.replace(report, structural=FAILED,
+                               reasons=[*report.reasons, *(f"at registration: {p}" for p in problems)])
 
 
 def _read(url: str) -> bytes:

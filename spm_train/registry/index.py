@@ -74,17 +74,23 @@ def _retry_locked(fn, attempts: int = 50):
 
 
 class Index:
-    def __init__(self, path: str):
+    def __init__(self, path: str, create: bool = True):
+        """Open the index at ``path``; ``create`` makes the schema (a write), otherwise the index must
+        exist and opening takes no lock, so reads go on while another process writes."""
         self.path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if create:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                     check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        _retry_locked(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
-        self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
-        _retry_locked(self._create)
+        if create:
+            _retry_locked(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))  # persists in the file
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            _retry_locked(self._create)
+        elif self.get_meta("schema_version") is None:
+            raise sqlite3.DatabaseError("the index has no schema version")
 
     def _create(self) -> None:
         with self.write():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -92,8 +93,7 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         sha = sha256_file(r.membrane)
         version = reg.find(r.concept, sha)
         if version is None:
-            gates = Gates.for_concept(r.concept, cfg.get("min_erasure", 0.0), cfg.get("max_preservation_drop", 1.0),
-                                      cfg.get("gates"))
+            gates = registry_gates(cfg, r.concept)
             pipe = base.pipe if evaluator is not None else None
             unet = pipe.unet if pipe is not None else base.skeleton_unet()
             membrane, report = validate(r.membrane, unet=unet, family=family, base_fingerprint=fingerprint,
@@ -120,8 +120,54 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         publication.versions[r.key] = version
         tracker.log_metrics({**version.metrics, "validation_passed": float(version.status == "passed")},
                             prefix=f"eval/{r.concept}/{r.point_id}")
-        tracker.log_membrane(version, reg.blobs.url_of(version.sha256))
+        if version.new:  # logging known bytes again would move W&B's own `latest` back to an old version
+            tracker.log_membrane(version, reg.blobs.url_of(version.sha256))
     base.close()
+
+
+def registry_gates(cfg: Mapping[str, Any], concept: str) -> Gates:
+    """The gates of ``concept`` from a registry config section (defaults, then ``gates[concept]``)."""
+    return Gates.for_concept(concept, cfg.get("min_erasure", 0.0), cfg.get("max_preservation_drop", 1.0),
+                             cfg.get("gates"), min_target_drop=cfg.get("min_target_drop", 0.0))
+
+
+def check_registry_config(cfg: Mapping[str, Any], concepts: Sequence[str]) -> list[str]:
+    """Every problem of a registry config section that would otherwise surface after training."""
+    from ..errors import ConfigError
+    from .core import LATEST, PROTECTED_ALIASES, _ALIAS_RE, _VERSION_RE
+
+    problems = []
+    gates = cfg.get("gates") or {}
+    if not isinstance(gates, Mapping):
+        return ["registry.gates must map concept names to gates"]
+    unknown = sorted(set(gates) - set(concepts))
+    if unknown:
+        problems.append(f"registry.gates names concept(s) not in the concept set: {', '.join(map(str, unknown))}")
+    for concept in concepts:
+        try:
+            g = registry_gates(cfg, concept)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        except (TypeError, ValueError) as exc:
+            problems.append(f"registry gates of {concept!r}: {exc}")
+            continue
+        for name in ("min_erasure", "max_preservation_drop", "min_target_drop"):
+            value = getattr(g, name)
+            if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+                problems.append(f"registry gate {name} of {concept!r} is {value}; rates and drops lie in [-1, 1]")
+    alias = cfg.get("candidate_alias")
+    if alias:
+        if alias == LATEST or alias.lower() in PROTECTED_ALIASES:
+            problems.append(f"registry.candidate_alias={alias}: '{LATEST}' moves by itself and "
+                            f"{'/'.join(PROTECTED_ALIASES)} is set by promotion only; pick another name")
+        elif not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
+            problems.append(f"registry.candidate_alias={alias}: letters, digits, _ . - (and not of the form vN)")
+    try:
+        load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
+    except ConfigError as exc:
+        problems += exc.problems
+    return problems
 
 
 def _trainer_fingerprint(trainer, point: Mapping[str, Any]) -> str | None:

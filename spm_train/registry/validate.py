@@ -32,17 +32,22 @@ class Evaluator(Protocol):
 
 @dataclass(frozen=True)
 class Gates:
-    """Thresholds of the behavioural check: erasure at least ``min_erasure``, preservation drop at most
-    ``max_preservation_drop``."""
+    """Thresholds of the behavioural check: erasure rate (share of target probes where the concept is
+    gone) at least ``min_erasure``, target drop (how much the membrane lowered the concept's presence,
+    before minus after) at least ``min_target_drop``, preservation drop at most ``max_preservation_drop``.
+    The erasure rate alone passes a concept the base model barely draws; the target drop does not."""
 
     min_erasure: float = 0.0
     max_preservation_drop: float = 1.0
+    min_target_drop: float = 0.0
 
     @classmethod
     def for_concept(cls, concept: str, min_erasure: float = 0.0, max_preservation_drop: float = 1.0,
-                    overrides: Mapping[str, Mapping[str, float]] | None = None) -> "Gates":
+                    overrides: Mapping[str, Mapping[str, float]] | None = None,
+                    min_target_drop: float = 0.0) -> "Gates":
         """The concept set's gates, with ``overrides[concept]`` (from ``registry.gates``) on top."""
-        values = {"min_erasure": float(min_erasure), "max_preservation_drop": float(max_preservation_drop)}
+        values = {"min_erasure": float(min_erasure), "max_preservation_drop": float(max_preservation_drop),
+                  "min_target_drop": float(min_target_drop)}
         extra = dict((overrides or {}).get(concept, {}))
         unknown = sorted(set(extra) - set(values))
         if unknown:
@@ -163,6 +168,12 @@ def check_behaviour(evaluator: Evaluator | None, pipe, membrane: Membrane, conce
         reasons.append("evaluation: no finite preservation_drop")
     elif drop > gates.max_preservation_drop:
         reasons.append(f"preservation_drop {drop:.4g} > max_preservation_drop {gates.max_preservation_drop:.4g}")
+    if gates.min_target_drop > 0:
+        target_drop = metrics.get("target_drop")
+        if target_drop is None or not math.isfinite(target_drop):
+            reasons.append("evaluation: no finite target_drop (needed by min_target_drop)")
+        elif target_drop < gates.min_target_drop:
+            reasons.append(f"target_drop {target_drop:.4g} < min_target_drop {gates.min_target_drop:.4g}")
     return (FAILED if reasons else PASSED), metrics, reasons
 
 
