@@ -72,8 +72,8 @@ class RegistryConfig:
     blobs: str = "${paths.root}/registry/blobs"
     # validation gates, overridable per concept set
     min_erasure: float = 0.0
-    max_preservation_drop: float = 1.0
-    min_target_drop: float = 0.0
+    max_preservation_drop: float = 0.3
+    min_target_drop: float = 0.1
     # per-concept gate overrides: {concept name: {min_erasure: .., max_preservation_drop: .., min_target_drop: ..}}
     gates: Dict[str, Dict[str, float]] = field(default_factory=dict)
     # behavioural check: "package.module:function" with evaluate(pipe, membrane, concept_spec) -> metrics;

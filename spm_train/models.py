@@ -89,7 +89,7 @@ def load_pipeline(path: str, *, torch_dtype: torch.dtype | None = None, device: 
     from diffusers import DiffusionPipeline
 
     local = os.path.isdir(path)
-    if not local and (os.path.sep in path.strip("/") and path.startswith((".", "/", "~"))):
+    if not local and path.startswith((".", "/", "~")):  # a hub id never starts so
         raise ModelLoadError(f"base model folder {path!r} does not exist")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     if local:

@@ -62,6 +62,8 @@ def test_missing_model_folder_fails_with_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist") as err:
         load_pipeline(str(tmp_path / "no-such-model"))
     assert "\n" not in str(err.value)
+    with pytest.raises(ModelLoadError, match="folder '/no-such-model' does not exist"):  # not read as a hub id
+        load_pipeline("/no-such-model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_pipeline(str(tmp_path / "empty"))
