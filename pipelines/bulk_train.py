@@ -116,6 +116,8 @@ def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
         problems.append("cpus_per_job and gpus_per_job must be >= 0")
     if data["max_retries"] < 0:
         problems.append(f"max_retries must be >= 0, got {data['max_retries']}")
+    if data.get("workers_per_job", 1) < 1:
+        problems.append(f"workers_per_job must be >= 1, got {data['workers_per_job']}")
     if problems:
         raise ConfigError("cluster config", problems)
     if data.get("deepspeed"):
@@ -352,6 +354,10 @@ def main(cfg: DictConfig) -> None:
         if not multirun:
             sys.exit(2)
         return
+    except KeyboardInterrupt:
+        logger.error("interrupted; the same command resumes: finished concepts are cached, packs restart "
+                     "from their last checkpoint")
+        sys.exit(130)
     print_summary(summary)
     if summary.failed:
         logger.error("%d concept(s) failed: %s", len(summary.failed), ", ".join(r.concept for r in summary.failed))

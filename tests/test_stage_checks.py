@@ -21,6 +21,7 @@ from tests.bulk.conftest import compose
     (["tracking=offline", "tracking.mode=foo"], "tracking.mode=foo: offline or online"),
     (["+registry.gates={nosuch: {min_erasure: 0.9}}"], "registry.gates names concept(s) not in the concept set"),
     (["registry.candidate_alias=latest"], "registry.candidate_alias=latest"),
+    (["cluster.workers_per_job=-1"], "workers_per_job must be >= 1, got -1"),
     (["registry.uri=${paths.root}/a-file/registry"], "/a-file/registry: cannot create or write this folder"),
 ])
 def test_a_problem_of_a_later_stage_stops_the_run_before_training(tmp_path, overrides, message):
