@@ -166,7 +166,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 
     model, family, fingerprint = _setup_model(cfg)
     sweep = {k: list(v) for k, v in OmegaConf.to_container(cfg.sweep, resolve=True).items()}
-    tasks = expand(concepts, trainer, sweep, fingerprint)
+    tasks = expand(concepts, trainer, sweep, fingerprint, cluster=cluster)
     store = ResultStore(cfg.paths.store)
     cached, todo = [], []
     for task in tasks:

@@ -6,23 +6,49 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..config import ConceptSpec, TrainerConfig
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .runner import ClusterOptions
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def result_key(concept: ConceptSpec, trainer: TrainerConfig, base_fingerprint: str) -> str:
-    """Identity of a trained membrane: same concept, trainer and base model -> same result."""
+def training_setup(cluster: ClusterOptions | None) -> dict[str, Any]:
+    """The cluster settings that change a pack's weights; empty for one process without DeepSpeed.
+
+    Data-parallel workers each draw their own trajectories and anchors, and a DeepSpeed engine
+    optimizes in its own way, so either one trains other membranes than a single plain process.
+    """
+    if cluster is None:
+        return {}
+    setup: dict[str, Any] = {}
+    if cluster.workers_per_job > 1:
+        setup["workers_per_job"] = cluster.workers_per_job
+    if cluster.deepspeed:
+        setup["deepspeed"] = cluster.deepspeed
+    return setup
+
+
+def result_key(concept: ConceptSpec, trainer: TrainerConfig, base_fingerprint: str,
+               setup: Mapping[str, Any] | None = None) -> str:
+    """Identity of a trained membrane: same concept, trainer, base model and training setup -> same result.
+
+    ``setup`` is ``training_setup(cluster)``; the default one (empty) leaves the key as it always was.
+    """
     spec = concept.to_dict()
     spec.pop("trainer")  # already folded into ``trainer``
     spec.pop("nontarget")  # evaluation prompts do not change the weights
     spec.pop("probes")
-    return _hash({"concept": spec, "trainer": trainer.fingerprint(), "base": base_fingerprint})
+    identity: dict[str, Any] = {"concept": spec, "trainer": trainer.fingerprint(), "base": base_fingerprint}
+    if setup:
+        identity["setup"] = dict(setup)
+    return _hash(identity)
 
 
 @dataclass
@@ -56,6 +82,18 @@ class Job:
         """One job per concept (used to isolate a failing concept)."""
         return [Job(job_id=_hash([t.key, "single"]), trainer=self.trainer, tasks=[t]) for t in self.tasks]
 
+    def part(self, tasks: Sequence[Task]) -> "Job":
+        """A pack of some of this job's tasks, named by their keys like every pack.
+
+        The name is also the pack's checkpoint folder, so a retried worker resumes a part only when
+        it holds the same concepts.
+        """
+        return Job(job_id=_pack_id(tasks), trainer=self.trainer, tasks=list(tasks))
+
+
+def _pack_id(tasks: Sequence[Task]) -> str:
+    return _hash(sorted(t.key for t in tasks))
+
 
 def sweep_points(sweep: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
     """Cartesian product of ``{trainer_field: [values]}``; one empty point without a sweep."""
@@ -69,11 +107,14 @@ def point_id(point: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={point[k]}" for k in sorted(point)) or "default"
 
 
-def expand(concepts: Sequence[ConceptSpec], trainer: TrainerConfig, sweep, base_fingerprint: str) -> list[Task]:
+def expand(concepts: Sequence[ConceptSpec], trainer: TrainerConfig, sweep, base_fingerprint: str, *,
+           cluster: ClusterOptions | None = None) -> list[Task]:
     """Every (concept, sweep point) with its effective trainer; all problems reported at once.
 
     Precedence: the set's trainer, then the concept's own overrides, then the sweep point.
+    ``cluster`` is how the packs will train: data-parallel or DeepSpeed settings enter the result keys.
     """
+    setup = training_setup(cluster)
     problems: list[str] = []
     if not concepts:
         problems.append("the concept set is empty")
@@ -89,7 +130,7 @@ def expand(concepts: Sequence[ConceptSpec], trainer: TrainerConfig, sweep, base_
             except ConfigError as exc:
                 problems += [f"concept {concept.name!r} at {point_id(point)}: {p}" for p in exc.problems]
                 continue
-            key = result_key(concept, effective, base_fingerprint)
+            key = result_key(concept, effective, base_fingerprint, setup)
             if key not in seen:  # two sweep points may give the same effective trainer
                 seen.add(key)
                 tasks.append(Task(concept, effective, dict(point), point_id(point), key))
@@ -109,5 +150,5 @@ def pack(tasks: Sequence[Task], pack_size: int) -> list[Job]:
     for group in groups.values():
         for i in range(0, len(group), pack_size):
             chunk = group[i:i + pack_size]
-            jobs.append(Job(job_id=_hash(sorted(t.key for t in chunk)), trainer=chunk[0].trainer, tasks=chunk))
+            jobs.append(Job(job_id=_pack_id(chunk), trainer=chunk[0].trainer, tasks=chunk))
     return jobs

@@ -6,24 +6,29 @@
 - An exception raised by training (a diverging concept, a bad prompt) is not retried as is: a pack
   of several concepts is split into single-concept jobs so only the faulty concept fails.
 - Workers post their step to a small progress actor; the driver draws live bars from it.
+- A retried task trains only the concepts whose results are not in the store yet.
+- A job no node could ever hold is refused before it is submitted (local instance) or announced
+  (a cluster, which may still add such a node).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import ClusterError, first_line
+from ..errors import ClusterError, ConfigError, first_line
 from .plan import Job
 from .store import ConceptResult, ResultStore
 
 logger = logging.getLogger(__name__)
 
 _BASE_MODELS: dict[tuple, Any] = {}  # per worker process: a base model is loaded once, reused by later packs
+_LOCAL = (None, "", "local")  # cluster.address values that start a Ray instance in-process
 
 
 @dataclass
@@ -45,7 +50,11 @@ class ClusterOptions:
 
 
 def connect(options: ClusterOptions):
-    """Start a local Ray instance in-process, or join the cluster at ``options.address``."""
+    """Start a local Ray instance in-process, or join the cluster at ``options.address``.
+
+    A local run always starts its own instance: it joins neither the cluster ``RAY_ADDRESS`` names
+    nor one started earlier on this machine with ``ray start``.
+    """
     import ray
 
     if ray.is_initialized():
@@ -55,33 +64,109 @@ def connect(options: ClusterOptions):
     if env_vars:
         env["env_vars"] = {**env_vars, **env.get("env_vars", {})}
     kwargs: dict[str, Any] = {"runtime_env": env or None, "log_to_driver": False, "include_dashboard": False}
-    if options.address in (None, "", "local"):
-        kwargs.update(num_cpus=options.num_cpus, num_gpus=options.num_gpus)
+    if options.address in _LOCAL:
+        kwargs.update(address="local", num_cpus=options.num_cpus, num_gpus=options.num_gpus)
         ray.init(**kwargs)
         return ray
     address = options.address
     check_reachable(options)
+    target, source = _target(options)
     try:
         ray.init(address=address, **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same problem
-        raise ClusterError(f"cannot join the Ray cluster at {address!r}: {first_line(exc)}") from None
+        where = f"{target!r}{source}" if target else repr(address)
+        raise ClusterError(f"cannot join the Ray cluster at {where}: {first_line(exc)}") from None
     return ray
 
 
+def _target(options: ClusterOptions) -> tuple[str | None, str]:
+    """The address Ray will join, and a note when it comes from ``RAY_ADDRESS`` rather than the config.
+
+    None for a local instance, and for ``auto`` without ``RAY_ADDRESS`` (Ray finds the cluster). With
+    ``auto``, Ray joins the address in ``RAY_ADDRESS`` when there is one (users export it for job
+    submission), so that is the address to check.
+    """
+    address = options.address
+    if address in _LOCAL:
+        return None, ""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "").strip()
+        if address in ("", "auto", "local"):
+            return None, ""
+        return address, " (from RAY_ADDRESS, with cluster.address=auto)"
+    return address, ""
+
+
 def check_reachable(options: ClusterOptions) -> None:
-    """Fail in seconds, with one line, when a host:port address does not answer."""
-    address, timeout = options.address, options.connect_timeout_s
-    if address in (None, "", "local", "auto"):
+    """Fail in seconds, with one line, when the address Ray would join is malformed or does not answer."""
+    address, source = _target(options)
+    if address is None:
         return
-    hostport = address.split("://", 1)[-1]
+    name = "RAY_ADDRESS" if source else "cluster address"
+    scheme, sep, hostport = address.rpartition("://")
     host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"cluster address {address!r} is not 'auto', 'host:port' or 'ray://host:port'")
+    if (sep and scheme != "ray") or not host or not port.isdigit():
+        hint = ""
+        if scheme in ("http", "https"):
+            hint = (" (an http address is the dashboard's, for job submission; Ray joins the head's "
+                    "GCS port, host:6379, or its client port, ray://host:10001)")
+        raise ClusterError(f"{name} {address!r} is not 'auto', 'host:port' or 'ray://host:port'{hint}")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host, int(port)), timeout=options.connect_timeout_s):
             pass
     except OSError as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}") from None
+        reason = exc.strerror or exc
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}{source}: {reason}") from None
+
+
+def check_resources(options: ClusterOptions) -> None:
+    """Compare what one job asks for with what the connected cluster's nodes hold.
+
+    A job that no node can hold waits forever at 0/N. On a local instance that is a config error;
+    a cluster may add such a node (autoscaling), so there it is a warning.
+    """
+    import ray
+
+    asks = (("CPU", options.cpus_per_job), ("GPU", options.gpus_per_job))
+    request = {name: float(amount) for name, amount in asks if amount}
+    if not request:
+        return
+    nodes = [node.get("Resources") or {} for node in ray.nodes() if node.get("Alive")]
+    workers = max(1, options.workers_per_job)
+    # how many of the job's workers (one for a single-process job) the nodes hold at once
+    fits = sum(min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in request.items())
+               for node in nodes)
+    if fits >= workers:
+        return
+    settings = {"CPU": "cpus_per_job", "GPU": "gpus_per_job"}
+    short = [name for name in request if all(node.get(name, 0.0) < request[name] for node in nodes)]
+    short = short or list(request)  # each is offered somewhere, never together
+    asked = ", ".join(f"cluster.{settings[name]}={request[name]:g}" for name in short)
+    verb = "asks" if len(short) == 1 else "ask"
+    each = " and ".join(f"{amount:g} {name}" for name, amount in request.items())
+    if workers > 1 and fits:
+        problem = (f"cluster.workers_per_job={workers} with {asked} {verb} for {workers} workers of {each} "
+                   f"each, but the nodes hold {fits} at once; {_offers(nodes)}")
+    else:
+        per = "each data-parallel worker" if workers > 1 else "each job"
+        problem = f"{asked} {verb} for {each} for {per}, but no node offers that; {_offers(nodes)}"
+    if options.address in _LOCAL:
+        raise ConfigError("cluster config", [problem])
+    logger.warning("%s; the jobs wait until the cluster adds a node that can hold them", problem)
+
+
+def _offers(nodes: list[dict[str, float]]) -> str:
+    """What the nodes hold, e.g. 'the Ray cluster has 1 node with 2 CPU, 0 GPU'."""
+    if not nodes:
+        return "the Ray cluster has no live node"
+    kinds: dict[tuple[float, float], int] = {}
+    for node in nodes:
+        kind = (node.get("CPU", 0.0), node.get("GPU", 0.0))
+        kinds[kind] = kinds.get(kind, 0) + 1
+    shown = [f"{n} node{'s' if n > 1 else ''} with {cpu:g} CPU, {gpu:g} GPU"
+             for (cpu, gpu), n in sorted(kinds.items())]
+    more = f" and {len(shown) - 4} other kinds" if len(shown) > 4 else ""
+    return "the Ray cluster has " + "; ".join(shown[:4]) + more
 
 
 def _load_base(model: dict):
@@ -101,9 +186,29 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
     """The body of one Ray task: train a pack (resuming if it was checkpointed) and store its results.
 
     With ``auto_pack`` the job's concepts are trained in consecutive packs of the largest size that
-    fits the worker's accelerator memory (measured by ``packing.fit_pack_size``).
+    fits the worker's accelerator memory (measured by ``packing.fit_pack_size``). Concepts whose
+    results are already in the store are returned as stored, not trained again: a task retried after
+    its worker died trains only what the first attempt did not finish.
     """
-    pipe = _load_base(model)
+    store = ResultStore(store_root)
+    stored = {t.key: store.get(t.key).to_dict() for t in job.tasks if store.has(t.key)}
+    todo = [t for t in job.tasks if t.key not in stored]
+    if stored:
+        logger.info("pack %s: %d of %d concept(s) already in the store, %d to train", job.job_id[:8],
+                    len(stored), len(job.tasks), len(todo))
+    trained: dict[str, dict] = {}
+    if todo:
+        rest = job if len(todo) == len(job.tasks) else job.part(todo)
+        for row in _train_parts(rest, _load_base(model), store, board, deepspeed, auto_pack):
+            trained[row["key"]] = row
+    if stored and len(stored) + len(trained) == len(job.tasks):
+        store.drop_checkpoint(job.job_id)  # the whole pack's, if the first attempt left one
+    return [row for row in (stored.get(t.key) or trained.get(t.key) for t in job.tasks) if row]
+
+
+def _train_parts(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
+                 auto_pack: bool) -> list[dict]:
+    """Train ``job`` as one pack, or (``auto_pack``) as consecutive packs that fit the accelerator."""
     if auto_pack and deepspeed is None:
         from ..packing import fit_pack_size
 
@@ -111,18 +216,16 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
         if k is not None and k < len(job.tasks):
             rows = []
             for i in range(0, len(job.tasks), k):
-                part = Job(job_id=f"{job.job_id}-{i // k}", trainer=job.trainer, tasks=job.tasks[i:i + k])
-                rows += _train_pack(part, pipe, store_root, board, None)
+                rows += _train_pack(job.part(job.tasks[i:i + k]), pipe, store, board, None)
             return rows
-    return _train_pack(job, pipe, store_root, board, deepspeed)
+    return _train_pack(job, pipe, store, board, deepspeed)
 
 
-def _train_pack(job: Job, pipe, store_root: str, board, deepspeed: dict | None) -> list[dict]:
+def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None) -> list[dict]:
     import ray
 
     from ..training import PackTrainer
 
-    store = ResultStore(store_root)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def report(step: int, rows: list[dict]) -> None:
@@ -221,6 +324,7 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
     import ray
     from ray.exceptions import RayTaskError
 
+    check_resources(options)
     board = _progress_board()
     if options.workers_per_job > 1:
         from .distributed import train_pack_data_parallel

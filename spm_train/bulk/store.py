@@ -7,12 +7,15 @@ Layout under ``root`` (a local folder or any fsspec URL reachable from every nod
     checkpoints/<job_id>/checkpoint.safetensors
 
 Every file is written to a temporary name and renamed, so a killed worker leaves no partial result.
+result.json names its membrane relative to ``root``, so a store folder can be copied or moved whole;
+a result whose membrane file has gone is not a result (``has`` says no, the concept trains again).
 This is the hand-off point to the registry stage, which reads results from here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,37 +56,85 @@ class ConceptResult:
 
 
 class ResultStore:
-    def __init__(self, root: str):
-        self.root = str(root).rstrip("/")
+    """Trained membranes and pack checkpoints under ``root``, a local folder or an fsspec URL.
+
+    A local ``root`` is made absolute here: the store is handed to Ray workers as its root, and a
+    relative one would name a folder under each worker's own working directory.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        root = os.fspath(root)
+        self.root = os.path.abspath(os.path.expanduser(root)) if "://" not in root else root.rstrip("/")
         self.fs, self._path = fsspec.core.url_to_fs(self.root)
 
     def _url(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        return "/".join([self.root.rstrip("/"), *parts])
 
     def membrane_url(self, key: str) -> str:
-        return self._url("results", key, "membrane.safetensors")
+        return self._url(*_membrane_parts(key))
 
     def checkpoint_dir(self, job_id: str) -> str:
         return self._url("checkpoints", job_id)
 
     def has(self, key: str) -> bool:
-        return io.exists(self._url("results", key, "result.json"))
+        """Whether ``key`` has a complete result: its result.json and the membrane file it names."""
+        if not io.exists(self._url("results", key, "result.json")):
+            return False
+        return self._membrane_location(key, self._read(key).get("membrane")) is not None
 
     def get(self, key: str) -> ConceptResult:
-        with self.fs.open(self.fs._strip_protocol(self._url("results", key, "result.json")), "r") as fh:
-            return ConceptResult(**json.load(fh))
+        """The stored result of ``key``, its ``membrane`` resolved to where the file is now."""
+        data = self._read(key)
+        found = self._membrane_location(key, data.get("membrane"))
+        if found is None:
+            expected = self._resolve(data.get("membrane") or self.membrane_url(key))
+            raise FileNotFoundError(f"result {key} in {self.root}: its membrane file {expected} is missing")
+        data["membrane"] = found
+        return ConceptResult(**data)
 
     def put(self, result: ConceptResult, membrane: Membrane) -> ConceptResult:
+        """Store ``membrane`` and then ``result`` (which gets the membrane's URL); returns ``result``."""
         result.membrane = membrane.save(self.membrane_url(result.key))
+        record = dict(result.to_dict(), membrane="/".join(_membrane_parts(result.key)))
         with io.atomic_output(self._url("results", result.key, "result.json")) as tmp:
             with open(tmp, "w") as fh:
-                json.dump(result.to_dict(), fh, indent=1, sort_keys=True)
+                json.dump(record, fh, indent=1, sort_keys=True)
         return result
 
     def drop_checkpoint(self, job_id: str) -> None:
         path = self.fs._strip_protocol(self.checkpoint_dir(job_id))
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:  # another worker of the same pack removed it first
+            pass
+
+    def _read(self, key: str) -> dict[str, Any]:
+        with self.fs.open(self.fs._strip_protocol(self._url("results", key, "result.json")), "r") as fh:
+            return json.load(fh)
+
+    def _resolve(self, location: str) -> str:
+        """A membrane location as recorded: relative to the root, or (older stores) absolute or a URL."""
+        if "://" in location or os.path.isabs(location):
+            return location
+        return self._url(location)
+
+    def _membrane_location(self, key: str, recorded: str | None) -> str | None:
+        """Where the membrane of ``key`` is: as recorded, else at its place in this store; None if gone.
+
+        Older stores recorded the path the membrane was written to; once such a store is moved, that
+        path is stale while the file is still at its place under the new root.
+        """
+        candidates = [self._resolve(recorded)] if recorded else []
+        candidates.append(self.membrane_url(key))
+        for url in dict.fromkeys(candidates):
+            if io.exists(url):
+                return url
+        return None
+
+
+def _membrane_parts(key: str) -> tuple[str, ...]:
+    return ("results", key, "membrane.safetensors")
 
 
 def write_json(url: str, payload: Any) -> str:
