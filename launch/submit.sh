@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Submit the bulk job to a running Ray cluster, shipping this checkout as the job's working dir.
 #
-#   RAY_ADDRESS=http://head:8265 launch/submit.sh concepts=characters model=sd14 trainer=paper
+#   RAY_ADDRESS=http://head:8265 launch/submit.sh concepts=characters model=sd14 trainer=paper eval=none
 #
 # Every argument is a Hydra override for `python -m pipelines.bulk_train`. The result store and the
-# run folders go to SPM_HOME, which must be shared by all nodes (NFS, or an fsspec URL like s3://...).
+# run folders go to SPM_HOME, a folder shared by all nodes (NFS/EFS/Lustre); to keep results and
+# membranes in object storage add paths.store=s3://... registry.blobs=s3://... (any fsspec URL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the Ray dashboard address, e.g. http://head:8265}"

@@ -1,7 +1,7 @@
 """The main job: a concept set -> packs on Ray -> trained membranes -> manifest and summary.
 
     python -m pipelines.bulk_train                                  # ToyWorld, local Ray, offline W&B
-    python -m pipelines.bulk_train concepts=characters model=sd14 trainer=paper cluster=existing
+    python -m pipelines.bulk_train concepts=characters model=sd14 trainer=paper cluster=existing eval=none
     python -m pipelines.bulk_train sweep=lr_la                      # 4 sweep points, concurrently
 
 Everything is validated before a job is scheduled; a concept whose training fails is reported in
@@ -187,6 +187,10 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
     from spm_train.tracking import check_tracking
 
     problems = check_tracking(OmegaConf.to_container(cfg.tracking, resolve=True))
+    if "://" in str(cfg.paths.root):
+        problems.append(f"paths.root={cfg.paths.root}: run folders and the registry index need a local or "
+                        "shared filesystem folder; keep results and membranes at a URL with "
+                        "paths.store=<url> registry.blobs=<url>")
     for name, folder in (("paths.root", cfg.paths.root), ("paths.store", cfg.paths.store),
                          ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None)):
         if folder and "://" not in str(folder) and not _writable(str(folder)):

@@ -48,7 +48,7 @@ def test_orchestration_benchmark_collects_every_job(tmp_path):
 
 
 def test_flop_count_of_sd15_forward_and_of_a_packs_membranes(tmp_path):
-    """Counted on the meta device: SD 1.5 at 512 px costs 0.80 TFLOP per sample-forward (DESIGN's figure);
+    """Counted on the meta device: SD 1.5 at 512 px costs 0.80 TFLOP per sample-forward (the figure the issue's cost model uses);
     masking all K branches costs exactly K times the FLOPs of gathering each sample's own branch."""
     from pipelines.benchmark import main
 
