@@ -78,9 +78,10 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps([v.to_dict() for v in versions], indent=1, sort_keys=True, default=str))
         return 0
-    header = ["version", "status", "aliases", "sha256", "erasure", "created"]
+    header = ["version", "status", "aliases", "sha256", "erasure", "target drop", "created"]
+    metric = lambda v, key: "-" if key not in v.metrics else f"{v.metrics[key]:.3f}"  # noqa: E731
     rows = [[v.ref, v.status, ",".join(a + ("(forced)" if (v.concept, a) in forced else "") for a in v.aliases), v.sha256[:12],
-             "-" if "erasure_rate" not in v.metrics else f"{v.metrics['erasure_rate']:.3f}", _when(v.created)]
+             metric(v, "erasure_rate"), metric(v, "target_drop"), _when(v.created)]
             for v in versions]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
