@@ -10,6 +10,7 @@ the summary while the others finish.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -187,10 +189,11 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
     from spm_train.tracking import check_tracking
 
     problems = check_tracking(OmegaConf.to_container(cfg.tracking, resolve=True))
-    if "://" in str(cfg.paths.root):
-        problems.append(f"paths.root={cfg.paths.root}: run folders and the registry index need a local or "
-                        "shared filesystem folder; keep results and membranes at a URL with "
-                        "paths.store=<url> registry.blobs=<url>")
+    for name, folder in (("paths.root", cfg.paths.root), ("registry.uri", cfg.registry.uri)):
+        if "://" in str(folder) and (name == "paths.root" or cfg.registry.enabled):
+            problems.append(f"{name}={folder}: run folders and the registry index need a local or shared "
+                            "filesystem folder; keep results and membranes at a URL with paths.store=<url> "
+                            "registry.blobs=<url>")
     for name, folder in (("paths.root", cfg.paths.root), ("paths.store", cfg.paths.store),
                          ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None)):
         if folder and "://" not in str(folder) and not _writable(str(folder)):
@@ -347,9 +350,28 @@ def print_summary(summary: RunSummary) -> None:
         console.print(f"report:   {summary.report}")
 
 
+FAILED_MARK = "FAILED"  # left in a multirun job's folder when the job failed
+
+
+class FailedJobs(Callback):
+    """Ends a multirun with exit status 1 when any of its jobs failed, after every job has run."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = sorted(glob.glob(os.path.join(str(config.hydra.sweep.dir), "*", FAILED_MARK)))
+        if failed:
+            logger.error("%d job(s) of this multirun failed: %s", len(failed),
+                         ", ".join(os.path.dirname(f) for f in failed))
+            sys.exit(1)
+
+
+def _mark_failed(reason: str) -> None:
+    with open(os.path.join(HydraConfig.get().runtime.output_dir, FAILED_MARK), "w") as fh:
+        fh.write(reason + "\n")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    # in a multirun (-m) a failed job is logged and the sweep goes on to the next one
+    # in a multirun (-m) a failed job is logged and marked, and the sweep goes on to the next one
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg)
@@ -357,6 +379,7 @@ def main(cfg: DictConfig) -> None:
         logger.error("%s", exc)
         if not multirun:
             sys.exit(2)
+        _mark_failed(str(exc))
         return
     except KeyboardInterrupt:
         logger.error("interrupted; the same command resumes: finished concepts are cached, packs restart "
@@ -367,6 +390,7 @@ def main(cfg: DictConfig) -> None:
         logger.error("%d concept(s) failed: %s", len(summary.failed), ", ".join(r.concept for r in summary.failed))
         if not multirun:
             sys.exit(1)
+        _mark_failed(f"{len(summary.failed)} concept(s) failed")
 
 
 if __name__ == "__main__":

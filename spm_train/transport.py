@@ -170,18 +170,22 @@ class MembraneHandle:
                     return ids, mask, call
         return None, None, None
 
-    def _cfg_pairs(self, calls: list[int | None]) -> bool:
+    def _cfg_pairs(self, hidden: torch.Tensor, calls: list[int | None]) -> bool:
         """Whether the batch is ``[negative half, prompt half]`` of classifier-free guidance.
 
         Diffusers pipelines encode the prompts, then (only when guiding) the negative prompts, and pass
-        ``cat([negative, prompt])``: a batch whose first half was encoded after its second half is such a
-        pair, one whose halves came from one call is not. Rows not encoded by this pipeline's text encoder
-        (embeddings passed in, SDXL's zeroed negatives) leave only the pipeline's own guidance flag."""
+        ``cat([negative, prompt])``. So: every pair whose negative row was encoded after its prompt row (or
+        equals it) makes a CFG batch; a batch encoded by one text-encoder call has no negative half. Any
+        other batch (rows encoded elsewhere, SDXL's zeroed negatives, embeddings cached in another
+        order) is read by the pipeline's own guidance flag."""
         half = len(calls) // 2
         if half == 0 or len(calls) % 2:
             return False
         if None not in calls:
-            return all(calls[b] > calls[half + b] for b in range(half))
+            if all(calls[b] > calls[half + b] or torch.equal(hidden[b], hidden[half + b]) for b in range(half)):
+                return True
+            if len(set(calls)) == 1:
+                return False
         try:
             return bool(self.pipe.do_classifier_free_guidance)
         except AttributeError:
@@ -200,7 +204,7 @@ class MembraneHandle:
             self.bank.set_permeability(self._memo[2])
             return None
         found = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
-        cfg_pairs = self._cfg_pairs([f[2] for f in found])
+        cfg_pairs = self._cfg_pairs(hidden, [f[2] for f in found])
         unknown = [b for b, f in enumerate(found) if f[0] is None and not (cfg_pairs and b < len(found) // 2)]
         if unknown and self.similarity == "content" and not self._warned_unknown:
             logger.warning("transport: %d prompt embedding(s) did not come from this pipeline's text encoder "

@@ -62,9 +62,13 @@ def test_a_failing_job_of_a_multirun_does_not_stop_the_sweep(tmp_path):
     errors = [line for line in output.splitlines() if "invalid bulk run" in line]
     assert len(errors) == 2, output[-2000:]  # the second job ran after the first one failed
     assert "lr must be > 0, got -1" in errors[0] and "got -2" in errors[1]
+    assert run.returncode == 1 and "2 job(s) of this multirun failed" in output
 
 
 def test_a_url_as_the_run_root_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("paths.root=memory://spm: run folders and the registry index")):
         plan_run(compose(tmp_path, "paths.root=memory://spm", f"paths.store={tmp_path}/store",
                          f"registry.uri={tmp_path}/registry"))
+
+    with pytest.raises(ConfigError, match=re.escape("registry.uri=memory://reg: run folders and the registry index")):
+        plan_run(compose(tmp_path, "registry.uri=memory://reg"))

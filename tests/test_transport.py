@@ -209,3 +209,26 @@ def test_fused_projections_and_lora_wrapped_layers_are_refused_by_name(fresh_sd1
     finally:
         setattr(fresh_sd1.unet.get_submodule(parent), child, linear)
     assert not any(isinstance(mod, MembraneLayer) for mod in fresh_sd1.unet.modules())
+
+
+def test_guided_batches_pair_rows_whatever_the_prompts_repeat(fresh_sd1):
+    """An empty prompt, a prompt equal to another row's negative, or negatives encoded before the prompts
+    still pair each negative row with its prompt."""
+    pipe = fresh_sd1
+    m = _membrane(pipe, "snoopy", "snoopy", 1)
+    with apply_membranes(pipe, [m]) as handle:
+        pipe(["snoopy", ""], num_inference_steps=1, guidance_scale=7.5, output_type="pt")
+        gamma = handle.last_permeability[:, 0]
+        torch.testing.assert_close(gamma[:2], gamma[2:])
+        assert gamma[2] == pytest.approx(1.0)
+        pipe(["snoopy", "a red car"], negative_prompt=["a red car", "x"], num_inference_steps=1,
+             guidance_scale=7.5, output_type="pt")
+        gamma = handle.last_permeability[:, 0]
+        torch.testing.assert_close(gamma[:2], gamma[2:])
+        assert gamma[2] == pytest.approx(1.0) and gamma[3] < 1
+        negative, _ = pipe.encode_prompt(["a red car"], "cpu", 1, False)  # cached before the prompt
+        prompt, _ = pipe.encode_prompt(["snoopy"], "cpu", 1, False)
+        pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, num_inference_steps=1, guidance_scale=7.5,
+             output_type="pt")
+        gamma = handle.last_permeability[:, 0]
+        assert gamma[0] == gamma[1] == pytest.approx(1.0)

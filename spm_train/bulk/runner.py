@@ -187,8 +187,10 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
 
     With ``auto_pack`` the job's concepts are trained in consecutive packs of the largest size that
     fits the worker's accelerator memory (measured by ``packing.fit_pack_size``). Concepts whose
-    results are already in the store are returned as stored, not trained again: a task retried after
-    its worker died trains only what the first attempt did not finish.
+    results are already in the store are returned as stored: a task retried after its worker died
+    finishes what the first attempt did not. A pack trains its concepts together, so a plain pack
+    with some results stored resumes as a whole from its checkpoint and stores only the missing ones;
+    auto-packed sub-packs that were stored are skipped.
     """
     store = ResultStore(store_root)
     stored = {t.key: store.get(t.key).to_dict() for t in job.tasks if store.has(t.key)}
@@ -198,8 +200,9 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
                     len(stored), len(job.tasks), len(todo))
     trained: dict[str, dict] = {}
     if todo:
-        rest = job if len(todo) == len(job.tasks) else job.part(todo)
-        for row in _train_parts(rest, _load_base(model), store, board, deepspeed, auto_pack):
+        splits = auto_pack and deepspeed is None
+        rest = job if len(todo) == len(job.tasks) or not splits else job.part(todo)
+        for row in _train_parts(rest, _load_base(model), store, board, deepspeed, auto_pack, skip=set(stored)):
             trained[row["key"]] = row
     if stored and len(stored) + len(trained) == len(job.tasks):
         store.drop_checkpoint(job.job_id)  # the whole pack's, if the first attempt left one
@@ -207,7 +210,7 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
 
 
 def _train_parts(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
-                 auto_pack: bool) -> list[dict]:
+                 auto_pack: bool, skip: set[str] = frozenset()) -> list[dict]:
     """Train ``job`` as one pack, or (``auto_pack``) as consecutive packs that fit the accelerator."""
     if auto_pack and deepspeed is None:
         from ..packing import fit_pack_size
@@ -218,10 +221,12 @@ def _train_parts(job: Job, pipe, store: ResultStore, board, deepspeed: dict | No
             for i in range(0, len(job.tasks), k):
                 rows += _train_pack(job.part(job.tasks[i:i + k]), pipe, store, board, None)
             return rows
-    return _train_pack(job, pipe, store, board, deepspeed)
+    return _train_pack(job, pipe, store, board, deepspeed, skip)
 
 
-def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None) -> list[dict]:
+def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
+                skip: set[str] = frozenset()) -> list[dict]:
+    """Train ``job`` as one pack and store the results of its concepts, except those in ``skip``."""
     import ray
 
     from ..training import PackTrainer
@@ -247,6 +252,8 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
     last = result.final_losses()
     rows = []
     for task, membrane in zip(job.tasks, result.membranes):
+        if task.key in skip:  # stored by an earlier attempt
+            continue
         final = last.get(task.concept.name, {})
         membrane.extra["point"] = task.point_id
         row = ConceptResult(

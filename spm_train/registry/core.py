@@ -124,15 +124,18 @@ class Registry:
         path = os.path.join(root, cls.INDEX_NAME)
         if not create and not os.path.exists(path):
             raise RegistryError(f"no registry at {root} (no {cls.INDEX_NAME}); register a membrane first")
-        wanted = _blob_entry(str(blobs) if blobs else "blobs", root)
+        # a local ``blobs`` is relative to the working directory, like every path in a config
+        wanted = str(blobs) if blobs and "://" in str(blobs) else \
+            os.path.abspath(os.path.expanduser(str(blobs))) if blobs else os.path.join(root, "blobs")
         try:
             index = Index(path, create=create)
-            stored = index.set_meta_default("blobs", wanted) if create else index.get_meta("blobs") or wanted
+            if create:
+                _record_blob_location(index, wanted, root)
+            location = _blob_location(index, root) or wanted
         except sqlite3.DatabaseError as exc:
             raise RegistryError(f"{path} is not a readable registry index ({exc}); restore it from a backup "
                                 "or re-import an exported bundle") from None
-        location = _blob_location(stored, root)
-        if blobs and _blob_location(wanted, root) != location:
+        if blobs and wanted != location:
             logger.warning("registry %s keeps its blobs at %s (asked for %s); using %s", root, location, blobs,
                            location)
         return cls(index, BlobStore(location), root)
@@ -377,19 +380,30 @@ def _protected(alias: str) -> bool:
     return alias.lower() in PROTECTED_ALIASES
 
 
-def _blob_entry(blobs: str, root: str) -> str:
-    """How the index records the blob location: relative to ``root`` when inside it, else as given."""
-    if "://" in blobs:
-        return blobs
-    path = os.path.abspath(os.path.join(root, os.path.expanduser(blobs)))
-    rel = os.path.relpath(path, root)
-    return rel if rel != ".." and not rel.startswith(".." + os.sep) else path
+# Where the blobs are: ``blobs_in_root`` (a path relative to the registry folder, so a copied or moved
+# registry uses its own), or ``blobs`` (a URL or an absolute path; registries made before
+# ``blobs_in_root`` existed may also hold a path relative to the working directory there).
+_IN_ROOT, _ELSEWHERE = "blobs_in_root", "blobs"
 
 
-def _blob_location(entry: str, root: str) -> str:
-    if "://" in entry or os.path.isabs(entry):
-        return entry
-    return os.path.join(root, entry)
+def _record_blob_location(index: Index, location: str, root: str) -> None:
+    """Record the blob location of a new registry (one transaction: concurrent creators agree)."""
+    inside = None
+    if "://" not in location:
+        rel = os.path.relpath(location, root)
+        inside = rel if rel != ".." and not rel.startswith(".." + os.sep) else None
+    with index.write() as conn:
+        known = conn.execute("SELECT 1 FROM meta WHERE key IN (?, ?)", (_IN_ROOT, _ELSEWHERE)).fetchone()
+        if known is None:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
+                         (_IN_ROOT, inside) if inside is not None else (_ELSEWHERE, location))
+
+
+def _blob_location(index: Index, root: str) -> str | None:
+    inside = index.get_meta(_IN_ROOT)
+    if inside is not None:
+        return os.path.normpath(os.path.join(root, inside))
+    return index.get_meta(_ELSEWHERE)
 
 
 def _recheck_structure(data: bytes, concept: str, report: ValidationReport) -> ValidationReport:

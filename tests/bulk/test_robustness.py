@@ -188,7 +188,8 @@ def test_a_retried_auto_pack_job_skips_the_sub_packs_it_already_stored(tmp_path,
     assert not _checkpoints(tmp_path / "store")
 
 
-def test_a_retried_pack_trains_only_the_concepts_it_did_not_store(tmp_path, monkeypatch, trained_packs):
+def test_a_retried_pack_resumes_from_its_checkpoint_and_stores_only_what_is_missing(tmp_path, monkeypatch,
+                                                                                     trained_packs):
     job, root = _job(checkpoint_every=1), str(tmp_path / "store")
     real_put = ResultStore.put
 
@@ -204,9 +205,13 @@ def test_a_retried_pack_trains_only_the_concepts_it_did_not_store(tmp_path, monk
     store = ResultStore(root)
     assert store.has(job.tasks[0].key) and not store.has(job.tasks[1].key)
 
+    stored_a = (tmp_path / "store" / "results" / job.tasks[0].key / "result.json").read_text()
     rows = train_pack(job, TINY, root)
-    assert trained_packs["packs"] == [["a", "b", "c"], ["b", "c"]]
+    assert trained_packs["packs"] == [["a", "b", "c"], ["a", "b", "c"]]  # the pack again, as a whole
     assert [r["concept"] for r in rows] == ["a", "b", "c"]
+    # from the first attempt's last checkpoint (step 1 of 2: the final step writes results, not a checkpoint)
+    assert [r["resumed_from"] for r in rows[1:]] == [1, 1]
+    assert (tmp_path / "store" / "results" / job.tasks[0].key / "result.json").read_text() == stored_a
     assert all(store.has(t.key) for t in job.tasks)
     assert not _checkpoints(tmp_path / "store")  # the first attempt's checkpoint is gone too
     # once everything is stored a retry trains nothing (and loads no base model)

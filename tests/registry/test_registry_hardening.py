@@ -168,3 +168,19 @@ def test_wandb_mode_disabled_in_the_environment_turns_tracking_off(tmp_path, mon
     with open_tracker({"backend": "wandb", "mode": "offline"}, root=str(tmp_path)) as tracker:
         assert type(tracker) is NullTracker
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_relative_blob_folder_is_read_from_the_working_directory_as_before(tmp_path, membrane_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reg = Registry.open("runs/registry", "runs/registry/blobs")  # as the default config passes them
+    v = reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=OK)
+    assert reg.blobs.url_of(v.sha256).startswith(str(tmp_path / "runs" / "registry" / "blobs"))
+    assert reg.index.get_meta("blobs_in_root") == "blobs"
+    reg.close()
+    # a registry written before blob folders were recorded relative to it: the path as it was given
+    with sqlite3.connect(tmp_path / "runs" / "registry" / "index.sqlite") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'blobs_in_root'")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('blobs', 'runs/registry/blobs')")
+    for blobs in (None, "runs/registry/blobs"):
+        old = Registry.open("runs/registry", blobs)
+        assert old.verify() == [] and old.load("snoopy:v1").name == "snoopy"
