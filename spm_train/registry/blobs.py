@@ -83,10 +83,13 @@ class BlobStore:
         return StagedBlob(sha, len(data), tmp, final)
 
     def commit(self, staged: StagedBlob) -> None:
-        """Move a staged blob to its content address (a no-op when that blob already exists)."""
+        """Move a staged blob to its content address (a no-op when that blob already exists intact; an
+        altered blob at that address is replaced by the staged bytes, which hash to it)."""
         if self.fs.exists(staged.final_path):
-            self.discard(staged)
-            return
+            if self.hash_of(staged.sha256) == staged.sha256:
+                self.discard(staged)
+                return
+            logger.warning("blob %s was altered; restoring it from the bytes being registered", staged.final_path)
         if self.local:
             os.replace(staged.tmp_path, staged.final_path)
         else:

@@ -227,6 +227,7 @@ class Registry:
         sha = sha256_bytes(data)
         existing = self._by_hash(concept, sha)
         if existing is not None:
+            self._restore_blob(sha, data)
             return existing
         staged = self.blobs.stage(data)
         try:
@@ -263,6 +264,14 @@ class Registry:
         version.new = True
         logger.info("registered %s (%s, sha256 %s)", version.ref, version.status, sha[:12])
         return version
+
+    def _restore_blob(self, sha: str, data: bytes) -> None:
+        """Put the registered bytes back when the stored blob went missing or was altered."""
+        if self.blobs.exists(sha) and self.blobs.hash_of(sha) == sha:
+            return
+        logger.warning("blob %s was missing or altered; restoring it from the bytes being registered",
+                       self.blobs.url_of(sha))
+        self.blobs.commit(self.blobs.stage(data))
 
     def find(self, concept: str, sha256: str) -> Version | None:
         """The version of ``concept`` holding exactly these bytes, if any."""

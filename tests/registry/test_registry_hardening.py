@@ -184,3 +184,20 @@ def test_a_relative_blob_folder_is_read_from_the_working_directory_as_before(tmp
     for blobs in (None, "runs/registry/blobs"):
         old = Registry.open("runs/registry", blobs)
         assert old.verify() == [] and old.load("snoopy:v1").name == "snoopy"
+
+
+def test_registering_the_same_bytes_again_repairs_an_altered_blob(tmp_path, membrane_file):
+    reg = Registry.open(tmp_path / "reg")
+    path = membrane_file("snoopy", 0)
+    v = reg.register(path, concept="snoopy", validation=OK)
+    blob = reg.blobs.url_of(v.sha256)
+    with open(blob, "ab") as fh:
+        fh.write(b"tampered")
+    assert reg.verify() != []
+    assert reg.register(path, concept="snoopy", validation=OK).ref == "snoopy:v1"
+    assert reg.verify() == []
+    blob_path = reg.blobs.url_of(v.sha256)
+    import os
+
+    os.remove(blob_path)  # a lost blob comes back the same way
+    assert reg.register(path, concept="snoopy", validation=OK).new is False and reg.verify() == []
