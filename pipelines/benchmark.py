@@ -173,16 +173,33 @@ def main(cfg: DictConfig) -> None:
 
     modes = {"training": training_benchmark, "orchestration": orchestration_benchmark, "flops": flops_benchmark}
     try:
-        if cfg.mode not in modes:
-            raise ConfigError("benchmark config", [f"mode {cfg.mode!r} is not one of {sorted(modes)}"])
+        problems = [] if cfg.mode in modes else [f"mode {cfg.mode!r} is not one of {sorted(modes)}"]
+        if cfg.mode in ("training", "flops"):
+            problems += setting_problems(cfg)
+        if problems:
+            raise ConfigError("benchmark config", problems)
         report = modes[cfg.mode](cfg)
     except SPMError as exc:
         logger.error("%s", exc)
         sys.exit(2)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(cfg.out, "w") as fh:
-        json.dump(report, fh, indent=1)
+    from spm_train.bulk.store import write_json
+
+    write_json(cfg.out, report)
     print(f"written: {cfg.out}")
+
+
+def setting_problems(cfg: DictConfig) -> list[str]:
+    """Pack sizes and iteration counts a training or FLOP benchmark cannot run with."""
+    problems = []
+    if not cfg.packs or any(k < 1 for k in cfg.packs):
+        problems.append(f"packs={list(cfg.packs)}: one or more pack sizes >= 1")
+    if cfg.mode == "training":
+        for name, least in (("iterations", 1), ("warmup", 0), ("baseline_iterations", 1), ("flop_iterations", 1)):
+            value = cfg.get(name)
+            if value is not None and value < least:
+                problems.append(f"{name}={value}: at least {least}")
+    return problems
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ def scorer_from(cfg: DictConfig, source: str):
     raise ConfigError("eval config", [f"eval.kind {cfg.eval.kind!r} cannot score; use toyworld or clip"])
 
 
-def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec]) -> list[str]:
-    """Every problem of the eval section that would otherwise surface after training."""
+def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec], source: str | None = None) -> list[str]:
+    """Every problem of the eval section that would otherwise surface after training (or after
+    generating), for the base model ``source`` (default: the config's)."""
     from spm_train.transport import SIMILARITIES
 
     e = cfg.eval
@@ -75,7 +76,7 @@ def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec]) -> list[str]
         elif not os.path.isdir(str(e.clip_path)):
             problems.append(f"eval.clip_path={e.clip_path}: no such folder")
     elif e.kind == "toyworld":
-        source = str(cfg.model.source)
+        source = str(source or cfg.model.source)
         if not source.startswith("toyworld"):
             problems.append(f"eval=toyworld scores with the ToyWorld classifier, which only reads the ToyWorld "
                             f"model's images, but model.source is {source}; use eval=none, or eval.kind=clip "
@@ -127,9 +128,11 @@ def evaluation_stage(cfg: DictConfig, pipe, source: str, concepts: list[ConceptS
                        f"{cfg.eval.steps} DDIM steps, guidance {cfg.eval.guidance_scale}, seed {cfg.eval.seed}; "
                        f"transport similarity `{cfg.eval.similarity}`; scorer `{cfg.eval.kind}`.")]
     path = evaluation_report(out_dir, title or f"Membrane evaluation: {cfg.concepts.name}", evaluations, notes)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
-        json.dump([{**e.metrics(), "concept": e.concept, "equipped": e.equipped, "transport": e.transport,
-                    "anchoring": e.anchoring} for e in evaluations], fh, indent=1)
+    from spm_train.bulk.store import write_json
+
+    write_json(os.path.join(out_dir, "metrics.json"),
+               [{**e.metrics(), "concept": e.concept, "equipped": e.equipped, "transport": e.transport,
+                 "anchoring": e.anchoring} for e in evaluations])
     return evaluations, path
 
 
@@ -140,33 +143,60 @@ def _latest_manifest(root: str) -> str:
     return found[-1]
 
 
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("evaluate", [f"manifest {path} does not exist"]) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError("evaluate", [f"manifest {path} is not readable JSON ({exc})"]) from None
+    required = ("model", "results", "trainer", "base_fingerprint", "concept_set")
+    missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ConfigError("evaluate", [f"{path} is not a bulk run's manifest (no {', '.join(missing)})"])
+    return manifest
+
+
 def run(cfg: DictConfig, out_dir: str) -> str:
+    """Evaluate a bulk run's membranes: one report, or one per sweep point (``<out_dir>/<point>/``)."""
     from spm_train.membrane import load_membrane
     from spm_train.models import load_base_model
 
     manifest_path = cfg.manifest or _latest_manifest(cfg.paths.root)
-    with open(manifest_path) as fh:
-        manifest = json.load(fh)
+    manifest = _read_manifest(manifest_path)
     source = manifest["model"]["source"]
-    membranes, concepts = {}, []
+    points: dict[str, dict] = {}  # point id -> {"point": ..., "membranes": {name: m}, "concepts": [...]}
     for row in manifest["results"]:
-        if row["status"] == "failed" or not row.get("membrane"):
+        if row.get("status") == "failed" or not row.get("membrane"):
             continue
         membrane = load_membrane(row["membrane"])
         spec = ConceptSpec(**json.loads(membrane.extra["concept"]))
-        membranes[spec.name] = membrane
-        concepts.append(spec)
-    if not membranes:
+        group = points.setdefault(row.get("point_id") or "default",
+                                  {"point": row.get("point") or {}, "membranes": {}, "concepts": []})
+        group["membranes"][spec.name] = membrane
+        group["concepts"].append(spec)
+    if not points:
         raise ConfigError("evaluate", [f"{manifest_path} lists no trained membrane"])
+    concepts = [c for g in points.values() for c in g["concepts"]]
+    problems = check_eval_config(cfg, concepts, source)
+    if problems:
+        raise ConfigError("eval config", problems)
     pipe = load_base_model(source, dtype=manifest["model"].get("dtype", "float32"))
-    ablations = None
-    if cfg.eval.ablation:
-        trainer = TrainerConfig(**manifest["trainer"])
-        ablations = train_ablations(pipe, concepts, trainer, cfg.paths.store, manifest["base_fingerprint"])
-    os.makedirs(out_dir, exist_ok=True)
-    _, path = evaluation_stage(cfg, pipe, source, concepts, membranes, out_dir, ablations,
-                               title=f"Membrane evaluation: {manifest['concept_set']}")
-    return path
+    paths = []
+    for point_id, group in sorted(points.items()):
+        ablations = None
+        if cfg.eval.ablation:  # each sweep point's own trainer, without anchoring
+            trainer = TrainerConfig(**manifest["trainer"]).replace(**group["point"])
+            ablations = train_ablations(pipe, group["concepts"], trainer, cfg.paths.store,
+                                        manifest["base_fingerprint"])
+        where = out_dir if len(points) == 1 else os.path.join(out_dir, point_id)
+        os.makedirs(where, exist_ok=True)
+        title = f"Membrane evaluation: {manifest['concept_set']}" + ("" if len(points) == 1 else f" ({point_id})")
+        _, path = evaluation_stage(cfg, pipe, source, group["concepts"], group["membranes"], where, ablations,
+                                   title=title)
+        paths.append(path)
+    return paths[0] if len(paths) == 1 else out_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

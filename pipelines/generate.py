@@ -76,6 +76,8 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
         problems.append("no prompt: set prompt=... or prompts=[...]")
     if not cfg.membranes:
         problems.append("no membranes: set membranes=[CONCEPT@ALIAS,...]")
+    if cfg.steps < 1:
+        problems.append(f"steps={cfg.steps}: at least 1")
     if problems:
         from spm_train.errors import ConfigError
 

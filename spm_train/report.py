@@ -44,8 +44,8 @@ def comparison_grid(rows: Sequence[str], columns: Sequence[tuple[str, torch.Tens
 def _cell(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
+    if isinstance(value, float):  # three decimals, or three significant digits below 0.01 (pixel MSE)
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
     return str(value)
 
 

@@ -87,3 +87,17 @@ def test_a_bad_benchmark_setting_is_one_clear_message(tmp_path, caplog):
     assert exit_info.value.code == 2
     assert "fast_base_dtype 'bfloat17' is not one of" in caplog.text
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["iterations=0"], "iterations=0: at least 1"),
+    (["packs=[]"], "packs=[]: one or more pack sizes >= 1"),
+    (["mode=flops", "packs=[-1]"], "packs=[-1]: one or more pack sizes >= 1"),
+])
+def test_pack_sizes_and_iteration_counts_are_checked_before_any_work(tmp_path, caplog, overrides, message):
+    from pipelines.benchmark import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main.__wrapped__(_cfg(tmp_path, "model.source=random:sd1", *overrides))
+    assert exit_info.value.code == 2 and message in caplog.text
+    assert not (tmp_path / "bench.json").exists()

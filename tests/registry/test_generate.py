@@ -58,3 +58,14 @@ def test_a_resolution_the_vae_cannot_decode_is_refused_before_any_image(tmp_path
     with pytest.raises(ConfigError, match="resolution=30: must be a positive multiple of"):
         generate(cfg, run_dir=str(tmp_path / "gen"))
     assert not list((tmp_path / "gen").glob("*.png"))
+
+
+def test_zero_steps_is_refused(tmp_path, membrane_file):
+    import pytest
+
+    from pipelines.generate import generate
+    from spm_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="steps=0: at least 1"):
+        generate(compose_generate(tmp_path, "membranes=[snoopy]", "prompt=snoopy", "steps=0"),
+                 run_dir=str(tmp_path / "gen"))
