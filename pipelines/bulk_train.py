@@ -172,8 +172,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     store = ResultStore(cfg.paths.store)
     cached, todo = [], []
     for task in tasks:
-        if store.has(task.key):
-            hit = store.get(task.key)
+        hit = store.lookup(task.key)
+        if hit is not None:
             hit.status, hit.point, hit.point_id = "cached", task.point, task.point_id
             cached.append(hit)
         else:
@@ -189,14 +189,17 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
     from spm_train.tracking import check_tracking
 
     problems = check_tracking(OmegaConf.to_container(cfg.tracking, resolve=True))
-    for name, folder in (("paths.root", cfg.paths.root), ("registry.uri", cfg.registry.uri)):
-        if "://" in str(folder) and (name == "paths.root" or cfg.registry.enabled):
-            problems.append(f"{name}={folder}: run folders and the registry index need a local or shared "
-                            "filesystem folder; keep results and membranes at a URL with paths.store=<url> "
-                            "registry.blobs=<url>")
-    for name, folder in (("paths.root", cfg.paths.root), ("paths.store", cfg.paths.store),
-                         ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None)):
-        if folder and "://" not in str(folder) and not _writable(str(folder)):
+    # (setting, folder, whether it may be a URL): the result store may; run folders and the SQLite index not
+    for name, folder, url_ok in (("paths.root", cfg.paths.root, False), ("paths.store", cfg.paths.store, True),
+                                 ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None, False)):
+        if not folder:
+            continue
+        if "://" in str(folder):
+            if not url_ok:
+                problems.append(f"{name}={folder}: run folders and the registry index need a local or shared "
+                                "filesystem folder; keep results and membranes at a URL with paths.store=<url> "
+                                "registry.blobs=<url>")
+        elif not _writable(str(folder)):
             problems.append(f"{name}={folder}: cannot create or write this folder")
     if concepts:
         problems += check_eval_config(cfg, concepts)

@@ -50,13 +50,21 @@ def settings_from(cfg: DictConfig):
 def scorer_from(cfg: DictConfig, source: str):
     from spm_train.evaluate import ClipScorer, ToyWorldScorer
 
-    if cfg.eval.kind == "toyworld":
-        return ToyWorldScorer()
-    if cfg.eval.kind == "clip":
-        if not cfg.eval.clip_path:
-            raise ConfigError("eval config", ["eval.kind=clip needs eval.clip_path (a local CLIP model folder)"])
-        return ClipScorer(path=cfg.eval.clip_path)
-    raise ConfigError("eval config", [f"eval.kind {cfg.eval.kind!r} cannot score; use toyworld or clip"])
+    problems = _scorer_problems(cfg.eval)
+    if problems:
+        raise ConfigError("eval config", problems)
+    return ToyWorldScorer() if cfg.eval.kind == "toyworld" else ClipScorer(path=cfg.eval.clip_path)
+
+
+def _scorer_problems(e: DictConfig) -> list[str]:
+    """Whether ``eval.kind`` names a scorer this project has, with what that scorer needs."""
+    if e.kind == "toyworld":
+        return []
+    if e.kind != "clip":
+        return [f"eval.kind={e.kind}: toyworld or clip (or eval=none to skip evaluation)"]
+    if not e.clip_path:
+        return ["eval.kind=clip needs eval.clip_path (a local CLIP model folder)"]
+    return [] if os.path.isdir(str(e.clip_path)) else [f"eval.clip_path={e.clip_path}: no such folder"]
 
 
 def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec], source: str | None = None) -> list[str]:
@@ -70,12 +78,8 @@ def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec], source: str 
     problems = []
     if e.similarity not in SIMILARITIES:
         problems.append(f"eval.similarity={e.similarity}: one of {', '.join(SIMILARITIES)}")
-    if e.kind == "clip":
-        if not e.clip_path:
-            problems.append("eval.kind=clip needs eval.clip_path (a local CLIP model folder)")
-        elif not os.path.isdir(str(e.clip_path)):
-            problems.append(f"eval.clip_path={e.clip_path}: no such folder")
-    elif e.kind == "toyworld":
+    problems += _scorer_problems(e)
+    if e.kind == "toyworld":
         source = str(source or cfg.model.source)
         if not source.startswith("toyworld"):
             problems.append(f"eval=toyworld scores with the ToyWorld classifier, which only reads the ToyWorld "
@@ -90,8 +94,6 @@ def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec], source: str 
                     scorer.concept_attribute(c)
                 except ValueError as exc:
                     problems.append(str(exc))
-    else:
-        problems.append(f"eval.kind={e.kind}: toyworld or clip (or eval=none to skip evaluation)")
     return problems
 
 

@@ -27,8 +27,9 @@ def train_pack_data_parallel(job: Job, model: dict, store_root: str, board=None,
     from ray.train.torch import TorchTrainer
 
     store = ResultStore(store_root)
-    if all(store.has(t.key) for t in job.tasks):  # a retry after the first attempt stored every result
-        return [store.get(t.key).to_dict() for t in job.tasks]
+    stored = [store.lookup(t.key) for t in job.tasks]
+    if all(r is not None for r in stored):  # a retry after the first attempt stored every result
+        return [r.to_dict() for r in stored]
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker

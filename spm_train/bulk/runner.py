@@ -193,7 +193,8 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
     auto-packed sub-packs that were stored are skipped.
     """
     store = ResultStore(store_root)
-    stored = {t.key: store.get(t.key).to_dict() for t in job.tasks if store.has(t.key)}
+    found = {t.key: store.lookup(t.key) for t in job.tasks}
+    stored = {key: result.to_dict() for key, result in found.items() if result is not None}
     todo = [t for t in job.tasks if t.key not in stored]
     if stored:
         logger.info("pack %s: %d of %d concept(s) already in the store, %d to train", job.job_id[:8],

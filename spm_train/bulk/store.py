@@ -78,19 +78,24 @@ class ResultStore:
 
     def has(self, key: str) -> bool:
         """Whether ``key`` has a complete result: its result.json and the membrane file it names."""
+        return self.lookup(key) is not None
+
+    def lookup(self, key: str) -> ConceptResult | None:
+        """The complete result of ``key`` (as ``get``), or None when there is none; one read of result.json."""
         if not io.exists(self._url("results", key, "result.json")):
-            return False
-        return self._membrane_location(key, self._read(key).get("membrane")) is not None
+            return None
+        data = self._read(key)
+        found = self._membrane_location(key, data.get("membrane"))
+        return None if found is None else ConceptResult(**dict(data, membrane=found))
 
     def get(self, key: str) -> ConceptResult:
         """The stored result of ``key``, its ``membrane`` resolved to where the file is now."""
-        data = self._read(key)
-        found = self._membrane_location(key, data.get("membrane"))
-        if found is None:
+        result = self.lookup(key)
+        if result is None:
+            data = self._read(key)  # no result.json at all raises FileNotFoundError here
             expected = self._resolve(data.get("membrane") or self.membrane_url(key))
             raise FileNotFoundError(f"result {key} in {self.root}: its membrane file {expected} is missing")
-        data["membrane"] = found
-        return ConceptResult(**data)
+        return result
 
     def put(self, result: ConceptResult, membrane: Membrane) -> ConceptResult:
         """Store ``membrane`` and then ``result`` (which gets the membrane's URL); returns ``result``."""

@@ -17,7 +17,7 @@ import shutil
 from typing import Any, Iterable
 
 from .blobs import sha256_file
-from .core import LATEST, Registry, RegistryError, Version, copy_verified
+from .core import LATEST, Registry, RegistryError, Version, copy_verified, is_protected
 from .validate import ValidationReport
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def import_bundle(registry: Registry, directory: str) -> list[Version]:
                               lineage=lineage, metrics=e.get("metrics"))
         new = v.new
         for alias in e.get("aliases", []):
-            if alias == LATEST or (alias.lower() == "production" and v.status != "passed"):
+            if alias == LATEST or (is_protected(alias) and v.status != "passed"):
                 continue
             held = registry.index.alias(v.concept, alias)
             if held is not None and held != v.version:  # the receiving registry's own choice stands

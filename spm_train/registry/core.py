@@ -197,11 +197,7 @@ class Registry:
     def load(self, ref: str | Version) -> Membrane:
         """The membrane of ``ref``, verified against its recorded sha256."""
         version = ref if isinstance(ref, Version) else self.resolve(ref)
-        data = self.read_verified(version)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"{version.concept}-v{version.version}.safetensors")
-            with open(path, "wb") as fh:
-                fh.write(data)
+        with _as_file(self.read_verified(version), f"{version.concept}-v{version.version}") as path:
             membrane = load_membrane(path)
         membrane.extra.setdefault("registry_ref", version.ref)
         return membrane
@@ -222,13 +218,13 @@ class Registry:
         report = validation if isinstance(validation, ValidationReport) else \
             ValidationReport.from_dict(validation) if validation else ValidationReport(
                 structural="not_evaluated", reasons=["not validated before registration"])
-        report = _recheck_structure(data, concept, report)
         metadata = _header_metadata(data)
         sha = sha256_bytes(data)
         existing = self._by_hash(concept, sha)
         if existing is not None:
             self._restore_blob(sha, data)
             return existing
+        report = _recheck_structure(data, concept, report)
         staged = self.blobs.stage(data)
         try:
             with self.index.write() as conn:
@@ -251,7 +247,7 @@ class Registry:
                              "updated = excluded.updated, forced = 0", (concept, LATEST, number, now))
                 log_event(conn, concept, number, "register", sha256=sha, status=status, reasons=report.reasons)
                 for alias in aliases:
-                    if _protected(alias) and status != PASSED:
+                    if is_protected(alias) and status != PASSED:
                         logger.warning("%s:v%d is %s: not setting %r at registration", concept, number, status, alias)
                         continue
                     self._set_alias(conn, concept, number, status, alias, force=False, note="set at registration")
@@ -297,10 +293,10 @@ class Registry:
     def _set_alias(self, conn, concept: str, number: int, status: str, alias: str, force: bool, note: str) -> None:
         if alias == LATEST:
             raise RegistryError(f"'{LATEST}' follows the newest version automatically and cannot be set")
-        if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
-            raise RegistryError(f"bad alias {alias!r}: letters, digits, _ . - (and not of the form vN)")
+        if not valid_alias(alias):
+            raise RegistryError(f"bad alias {alias!r}: {ALIAS_RULE}")
         forced = False
-        if _protected(alias) and status != PASSED:
+        if is_protected(alias) and status != PASSED:
             if not force:
                 reasons = "; ".join(self.index.version(concept, number)["validation"].get("reasons", [])) or status
                 raise RegistryError(f"refusing to promote {concept}:v{number} to {alias}: validation {status} "
@@ -385,8 +381,27 @@ class Registry:
         return removed
 
 
-def _protected(alias: str) -> bool:
+ALIAS_RULE = "letters, digits, _ . - (and not of the form vN)"
+
+
+def valid_alias(alias: str) -> bool:
+    """Whether ``alias`` is a name an alias may have (``latest`` aside, which only the registry moves)."""
+    return bool(_ALIAS_RE.match(alias)) and not _VERSION_RE.match(alias)
+
+
+def is_protected(alias: str) -> bool:
+    """Whether ``alias`` needs a version that passed validation (in any letter case)."""
     return alias.lower() in PROTECTED_ALIASES
+
+
+@contextlib.contextmanager
+def _as_file(data: bytes, stem: str = "membrane"):
+    """``data`` as a temporary ``.safetensors`` file, for readers that take a path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{stem}.safetensors")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        yield path
 
 
 # Where the blobs are: ``blobs_in_root`` (a path relative to the registry folder, so a copied or moved
@@ -418,10 +433,7 @@ def _blob_location(index: Index, root: str) -> str | None:
 def _recheck_structure(data: bytes, concept: str, report: ValidationReport) -> ValidationReport:
     """Load the bytes as a membrane whatever the report claims: a file that does not load, or loads with
     problems, is recorded as structurally failed; a membrane of another concept is refused."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "membrane.safetensors")
-        with open(path, "wb") as fh:
-            fh.write(data)
+    with _as_file(data) as path:
         membrane, problems = check_structure(path)
     if membrane is not None and membrane.name != concept:
         raise RegistryError(f"the file is membrane {membrane.name!r} (erasing {', '.join(membrane.concepts) or '?'}); "

@@ -134,7 +134,7 @@ def registry_gates(cfg: Mapping[str, Any], concept: str) -> Gates:
 def check_registry_config(cfg: Mapping[str, Any], concepts: Sequence[str]) -> list[str]:
     """Every problem of a registry config section that would otherwise surface after training."""
     from ..errors import ConfigError
-    from .core import LATEST, PROTECTED_ALIASES, _ALIAS_RE, _VERSION_RE
+    from .core import ALIAS_RULE, LATEST, PROTECTED_ALIASES, is_protected, valid_alias
 
     problems = []
     gates = cfg.get("gates") or {}
@@ -158,11 +158,11 @@ def check_registry_config(cfg: Mapping[str, Any], concepts: Sequence[str]) -> li
                 problems.append(f"registry gate {name} of {concept!r} is {value}; rates and drops lie in [-1, 1]")
     alias = cfg.get("candidate_alias")
     if alias:
-        if alias == LATEST or alias.lower() in PROTECTED_ALIASES:
+        if alias == LATEST or is_protected(alias):
             problems.append(f"registry.candidate_alias={alias}: '{LATEST}' moves by itself and "
                             f"{'/'.join(PROTECTED_ALIASES)} is set by promotion only; pick another name")
-        elif not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
-            problems.append(f"registry.candidate_alias={alias}: letters, digits, _ . - (and not of the form vN)")
+        elif not valid_alias(alias):
+            problems.append(f"registry.candidate_alias={alias}: {ALIAS_RULE}")
     try:
         load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
     except ConfigError as exc:
