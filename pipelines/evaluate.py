@@ -44,7 +44,8 @@ def settings_from(cfg: DictConfig):
 
     e = cfg.eval
     return EvalSettings(samples_per_prompt=e.samples_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
-                        seed=e.seed, batch_size=e.batch_size, similarity=e.similarity, threshold=e.threshold)
+                        seed=e.seed, batch_size=e.batch_size, similarity=e.similarity, threshold=e.threshold,
+                        draw_threshold=e.draw_threshold)
 
 
 def scorer_from(cfg: DictConfig, source: str):

@@ -44,6 +44,12 @@ class GenerateConfig:
     # facilitated transport: each membrane opens by the prompt's closeness to its concepts
     transport: bool = True
     facilitate: float = 1.0
+    # "token" (per-token, calibrated per membrane), "content" (pooled content tokens) or "paper"
+    similarity: str = "token"
+    # zero point of membranes without a calibration in their header ("token"), or of "content"
+    threshold: float = 0.85
+    # "linear" (the paper's formula) or "official" (gamma squared, as the official inference code)
+    scaling: str = "linear"
     device: Optional[str] = None
 
 
@@ -78,6 +84,12 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
         problems.append("no membranes: set membranes=[CONCEPT@ALIAS,...]")
     if cfg.steps < 1:
         problems.append(f"steps={cfg.steps}: at least 1")
+    from spm_train.transport import SCALINGS, SIMILARITIES
+
+    if cfg.similarity not in SIMILARITIES:
+        problems.append(f"similarity={cfg.similarity}: one of {', '.join(SIMILARITIES)}")
+    if cfg.scaling not in SCALINGS:
+        problems.append(f"scaling={cfg.scaling}: one of {', '.join(SCALINGS)}")
     if problems:
         from spm_train.errors import ConfigError
 
@@ -100,7 +112,8 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
         if cfg.resolution:
             kwargs.update(height=cfg.resolution, width=cfg.resolution)
         # equipped once before anything is rendered: a membrane that does not fit fails here
-        handle = apply_membranes(pipe, membranes, transport=cfg.transport, facilitate=cfg.facilitate)
+        handle = apply_membranes(pipe, membranes, transport=cfg.transport, facilitate=cfg.facilitate,
+                                 similarity=cfg.similarity, threshold=cfg.threshold, scaling=cfg.scaling)
         try:
             edited = [_sample(pipe, prompt, cfg.seed + i, kwargs) for i, prompt in enumerate(prompts)]
         finally:

@@ -83,6 +83,9 @@ class RegistryConfig:
     evaluator_options: Dict[str, Any] = field(default_factory=dict)
     # alias set on each newly registered version that did not fail validation (null: none)
     candidate_alias: Optional[str] = "candidate"
+    # "all": every sweep point's membrane is registered; "best": per concept only the best candidate
+    # (passed first, then the largest target drop minus preservation drop)
+    select: str = "all"
 
 
 @dataclass
@@ -96,9 +99,12 @@ class EvalConfig:
     guidance_scale: float = 3.0
     seed: int = 0
     batch_size: int = 64
-    # facilitated transport's embedding term: "content" (calibrated) or "paper" (flattened cosine)
-    similarity: str = "content"
+    # facilitated transport's similarity: "token" (per-token, calibrated per membrane), "content" (pooled
+    # content tokens) or "paper" (flattened cosine, overlap of every token)
+    similarity: str = "token"
     threshold: float = 0.85
+    # erasure counted on probes the base draws the concept in at least this often
+    draw_threshold: float = 0.5
     # also train each concept without latent anchoring, for the paper's ablation
     ablation: bool = False
 

@@ -93,6 +93,9 @@ class ConceptSpec:
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCOPES = ("transformer", "attention", "cross_attention")
+# "project": every anchor is a sampled embedding; "official": as the official code's anchor batch, half of
+# them (every other one) is the unconditional embedding
+ANCHOR_BATCHES = ("project", "official")
 
 
 @dataclass
@@ -112,10 +115,22 @@ class TrainerConfig:
     anchors_per_step: int = 4
     anchor_scale_min: float = 0.8
     anchor_scale_max: float = 1.2
+    # beyond the paper (docs/erasure.md): other phrasings of the target per iteration, each erased towards
+    # itself without the concept's words; anchors from real prompts that do not mention the concept; both
+    # drawn from ``corpus`` ("toyworld" or a text file with one caption per line)
+    phrasings: int = 0
+    prompt_anchors: int = 0
+    corpus: str | None = None
+    corpus_size: int = 2000
+    anchor_batch: str = "project"
+    # store each membrane's calibrated transport (zero and one points of the "token" similarity, from
+    # ``corpus``) in its header
+    calibrate: bool = False
     rank: int = 1
     alpha: float = 1.0
     scope: str = "transformer"
-    max_grad_norm: float = 1.0
+    # the paper and the official code do not clip gradients (0: off)
+    max_grad_norm: float = 0.0
     precision: str = "fp32"
     # membrane-on samples per forward/backward (0: all at once); bounds activation memory of large packs
     micro_batch: int = 0
@@ -140,14 +155,16 @@ class TrainerConfig:
         for name in ("iterations", "lr", "batch_size", "rank", "alpha", "max_denoising_steps", "log_every"):
             positive(name)
         for name in ("weight_decay", "lr_warmup_steps", "la_strength", "anchors_per_step",
-                     "max_grad_norm", "checkpoint_every", "trajectory_guidance", "micro_batch"):
+                     "max_grad_norm", "checkpoint_every", "trajectory_guidance", "micro_batch",
+                     "phrasings", "prompt_anchors"):
             positive(name, allow_zero=True)
         for name in ("iterations", "batch_size", "rank", "max_denoising_steps", "anchors_per_step",
-                     "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed", "micro_batch"):
+                     "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed", "micro_batch",
+                     "phrasings", "prompt_anchors", "corpus_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 problems.append(f"{name} must be an integer, got {value!r}")
-        for name in ("compile", "channels_last"):
+        for name in ("compile", "channels_last", "calibrate"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.max_denoising_steps, int) and self.max_denoising_steps < 2:
@@ -162,6 +179,14 @@ class TrainerConfig:
             problems.append(f"lr_scheduler {self.lr_scheduler!r} is not one of {list(LR_SCHEDULERS)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.anchor_batch not in ANCHOR_BATCHES:
+            problems.append(f"anchor_batch {self.anchor_batch!r} is not one of {list(ANCHOR_BATCHES)}")
+        uses_corpus = [n for n in ("phrasings", "prompt_anchors") if isinstance(getattr(self, n), int)
+                       and getattr(self, n) > 0] + (["calibrate"] if self.calibrate is True else [])
+        if uses_corpus and not (isinstance(self.corpus, str) and self.corpus.strip()):
+            problems.append(f"{', '.join(uses_corpus)} need corpus (\"toyworld\" or a caption file)")
+        if isinstance(self.corpus_size, int) and self.corpus_size < 1:
+            problems.append(f"corpus_size must be >= 1, got {self.corpus_size}")
         if self.scope not in SCOPES:
             problems.append(f"scope {self.scope!r} is not one of {list(SCOPES)}")
         if self.resolution is not None and (
@@ -198,12 +223,12 @@ TRAINER_PRESETS: dict[str, TrainerConfig] = {
     # Lyu et al. 2024: AdamW 1e-4, 3000 iterations, cosine with 3 restarts, 500 warm-up, batch 1, rank 1.
     "paper": TrainerConfig(),
     # A shorter schedule for quick looks on real models.
-    "fast": TrainerConfig(iterations=1000, lr=3e-4, lr_warmup_steps=100, precision="bf16"),
+    "fast": TrainerConfig(iterations=1000, lr=3e-4, lr_warmup_steps=100, precision="bf16", max_grad_norm=1.0),
     # ToyWorld (README, "Erasure on ToyWorld"): the paper's lambda = 1000 holds the tiny model's
     # membrane still; lambda = 1 with a 3e-3 step erases. Pair it with guidance_scale 16 on the concepts.
     "toyworld": TrainerConfig(iterations=150, lr=3e-3, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
                               max_denoising_steps=10, anchors_per_step=4, la_strength=1.0, log_every=10,
-                              checkpoint_every=50),
+                              checkpoint_every=50, max_grad_norm=1.0),
     # Seconds on a CPU with tiny models: for tests and smoke runs, not for real erasure.
     "smoke": TrainerConfig(iterations=4, lr=1e-3, lr_scheduler="constant", lr_warmup_steps=0,
                            max_denoising_steps=4, anchors_per_step=2, log_every=1),

@@ -3,7 +3,8 @@
 For a concept and a set of membranes the suite generates, with the same seeds, the concept's probe
 prompts and its non-target prompts without and with the membranes, and reports
 
-- ``target_before`` / ``target_after``: share of probe images in which the scorer sees the concept;
+- ``target_before`` / ``target_after``: share of probe images in which the scorer sees the concept, over
+  the probes the base draws it in at least ``draw_threshold`` of the time (``drawable`` of them);
   ``erasure_rate = 1 - target_after`` and ``target_drop = target_before - target_after``;
 - ``nontarget_before`` / ``nontarget_after``: scorer accuracy on non-target prompts, and
   ``preservation_drop`` between them;
@@ -40,8 +41,10 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 64
     transport: bool = True
-    similarity: str = "content"  # facilitated transport's embedding term (see transport.permeability)
+    similarity: str = "token"  # facilitated transport's similarity (see transport.permeability)
     threshold: float = 0.85
+    # erasure is counted on probes the base draws the concept in at least this often ("drawable")
+    draw_threshold: float = 0.5
 
 
 class Scorer(Protocol):
@@ -104,6 +107,7 @@ class ConceptEvaluation:
     gamma_target: float | None
     gamma_nontarget: float | None
     samples: int
+    drawable: int = 0  # probe prompts the base draws the concept in (the ones erasure is counted on)
     # first sample of every prompt, without and with the membranes: (prompts, before, after)
     images: tuple | None = field(default=None, repr=False, compare=False)
     equipped: str = "alone"  # "alone" or "all together"
@@ -143,8 +147,15 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
     n_probe = len(probes) * settings.samples_per_prompt
     is_probe = torch.zeros(len(flat), dtype=torch.bool)
     is_probe[:n_probe] = True
-    present_before = scorer.concept_present(before[is_probe], concept).float().mean().item()
-    present_after = scorer.concept_present(after[is_probe], concept).float().mean().item()
+    per_image = scorer.concept_present(before[is_probe], concept).float()
+    per_probe = per_image.view(len(probes), settings.samples_per_prompt).mean(dim=1)
+    drawable = (per_probe >= settings.draw_threshold).repeat_interleave(settings.samples_per_prompt)
+    if not drawable.any():
+        logger.warning("%s: the base draws the concept in none of its probes (at least %.0f%% of the time); "
+                       "erasure is counted on every probe", concept.name, 100 * settings.draw_threshold)
+        drawable = torch.ones_like(drawable)
+    present_before = per_image[drawable].mean().item()
+    present_after = scorer.concept_present(after[is_probe][drawable], concept).float().mean().item()
     gamma = torch.cat(gammas) if gammas else None
     result = dict(
         concept=concept.name, membranes=[m.name for m in membranes], transport=settings.transport,
@@ -153,7 +164,7 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
         target_pixel_mse=F.mse_loss(after[is_probe], before[is_probe]).item(),
         gamma_target=None if gamma is None else gamma[is_probe].mean().item(),
         gamma_nontarget=None if gamma is None or not others else gamma[~is_probe].mean().item(),
-        samples=settings.samples_per_prompt,
+        samples=settings.samples_per_prompt, drawable=int(drawable.sum()) // settings.samples_per_prompt,
         nontarget_before=None, nontarget_after=None, preservation_drop=None, nontarget_pixel_mse=None,
         nontarget_feature_distance=None,
     )

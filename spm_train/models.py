@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UnsupportedModelError, first_line
+from .prompts import function_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +173,29 @@ class ModelAdapter:
         hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
         return PromptEmbeds(hidden)
 
-    def token_ids(self, prompt: str) -> set[int]:
-        """The prompt's token ids without start, end and padding tokens."""
+    def ignored_ids(self, content_only: bool = True) -> set[int]:
+        """Token ids that name nothing: start, end and padding, and with ``content_only`` also function
+        words and punctuation (``spm_train.prompts.FUNCTION_WORDS``)."""
+        cache = self.__dict__.setdefault("_ignored_ids", {})
+        if content_only not in cache:  # reading a real model's vocabulary takes a moment: once per adapter
+            tok = self.pipe.tokenizer
+            ids = special_ids(tok)
+            cache[content_only] = ids | function_token_ids(tok) if content_only else ids
+        return cache[content_only]
+
+    def token_ids(self, prompt: str, content_only: bool = True) -> set[int]:
+        """The prompt's token ids without start, end and padding tokens (and, with ``content_only``,
+        without function words and punctuation)."""
         tok = self.pipe.tokenizer
         ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
-        return set(ids) - special_ids(tok)
+        return set(ids) - self.ignored_ids(content_only)
 
-    def content_mask(self, prompt: str) -> torch.Tensor:
-        """Which positions of the padded prompt hold content tokens (not start, end or padding)."""
+    def content_mask(self, prompt: str, content_only: bool = True) -> torch.Tensor:
+        """Which positions of the padded prompt hold tokens that ``token_ids`` keeps."""
         tok = self.pipe.tokenizer
         ids = torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
                                truncation=True).input_ids)
-        return ~torch.isin(ids, torch.tensor(sorted(special_ids(tok))))
+        return ~torch.isin(ids, torch.tensor(sorted(self.ignored_ids(content_only))))
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                 resolution: int | None = None) -> torch.Tensor:
@@ -203,6 +215,7 @@ class ModelAdapter:
 
 
 def special_ids(tokenizer) -> set[int]:
+    """Start, end, padding and other special token ids of ``tokenizer``."""
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     ids.update(getattr(tokenizer, "all_special_ids", []) or [])
     return {i for i in ids if i is not None}

@@ -135,3 +135,55 @@ def evaluation_report(directory: str, title: str, evaluations, notes: Sequence[t
                    "non-target images; gamma: mean facilitated-transport permeability.")
     md, _ = write_report(directory, title, [("Metrics", table + "\n\n" + explanation), *notes], images)
     return md
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (lower is better on both)."""
+    front = []
+    for name, (x, y) in points.items():
+        dominated = any(ox <= x and oy <= y and (ox, oy) != (x, y) for other, (ox, oy) in points.items()
+                        if other != name)
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda n: points[n])
+
+
+def pareto_plot(points: dict[str, tuple[float, float]], url: str, *, x_label: str, y_label: str,
+                size: tuple[int, int] = (720, 480)) -> str:
+    """A PNG scatter of named (x, y) points, lower-is-better on both axes, the Pareto front joined by a
+    line and its points labelled in red. Written atomically; returns ``url``."""
+    font = ImageFont.load_default()
+    width, height = size
+    left, right, top, bottom = 70, 20, 20, 50
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    xs = [p[0] for p in points.values()] or [0.0]
+    ys = [p[1] for p in points.values()] or [0.0]
+    x0, x1 = min(0.0, min(xs)), max(xs) * 1.1 + 1e-6
+    y0, y1 = min(0.0, min(ys)), max(ys) * 1.1 + 1e-6
+
+    def at(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.line([at(x0, y0), at(x1, y0)], fill="black")
+    draw.line([at(x0, y0), at(x0, y1)], fill="black")
+    for i in range(5):
+        fx, fy = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        px, _ = at(fx, y0)
+        _, py = at(x0, fy)
+        draw.text((px - 10, height - bottom + 6), f"{fx:.2g}", fill="black", font=font)
+        draw.text((8, py - 6), f"{fy:.2g}", fill="black", font=font)
+    draw.text((left + 150, height - 18), x_label, fill="black", font=font)
+    draw.text((left + 6, 4), y_label, fill="black", font=font)
+    front = pareto_front(points)
+    if len(front) > 1:
+        draw.line([at(*points[n]) for n in front], fill="red", width=2)
+    for name, (x, y) in points.items():
+        px, py = at(x, y)
+        colour = "red" if name in front else "gray"
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+        draw.text((px + 6, py - 6), name[:40], fill=colour if name in front else "dimgray", font=font)
+    with io.atomic_output(url) as tmp:
+        canvas.save(tmp, format="PNG")
+    return url

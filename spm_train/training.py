@@ -88,7 +88,18 @@ class _Concept:
     target: PromptEmbeds
     positive: PromptEmbeds
     neutral: PromptEmbeds
-    num_anchors: int
+    num_anchors: int  # anchors per iteration in all: sampled embeddings and real prompts
+    pick_rng: torch.Generator | None = None  # picks phrasings and prompt anchors, apart from the paper's draws
+    num_random: int = 0  # of which sampled embeddings (the paper's anchors)
+    num_phrasings: int = 0  # other phrasings of the target per iteration
+    phrasing_pos: PromptEmbeds | None = None  # pool of phrasings
+    phrasing_neu: PromptEmbeds | None = None  # each phrasing without the concept's words
+    anchor_pool: PromptEmbeds | None = None  # pool of real prompts that do not mention the concept
+
+    @property
+    def erase_rows(self) -> int:
+        """Membrane-on erase samples per batch element: the target and its phrasings."""
+        return 1 + self.num_phrasings
 
 
 @dataclass
@@ -185,21 +196,60 @@ class PackTrainer:
         self.seeds = seeds
 
     def _setup_prompts(self) -> None:
+        cfg = self.cfg
         prompts = []
         for spec in self.specs:
             prompts += [spec.target, spec.positive_prompt, spec.neutral_prompt]
         embeds = self.model.encode(prompts + [""])
         self.uncond = embeds.index(slice(len(prompts), len(prompts) + 1))
+        corpus = self.corpus = self._corpus()
         self.concepts = []
         for i, (spec, seed) in enumerate(zip(self.specs, self.seeds)):
             rows = [embeds.index(slice(3 * i + j, 3 * i + j + 1)) for j in range(3)]
-            self.concepts.append(_Concept(
+            anchoring = spec.uses_anchoring and cfg.la_strength > 0
+            concept = _Concept(
                 spec=spec,
                 host_rng=torch.Generator().manual_seed(seed),
                 rng=torch.Generator(device=self.device).manual_seed(seed),
                 target=rows[0], positive=rows[1], neutral=rows[2],
-                num_anchors=self.cfg.anchors_per_step if spec.uses_anchoring and self.cfg.la_strength > 0 else 0,
-            ))
+                num_anchors=0, num_random=cfg.anchors_per_step if anchoring else 0,
+                pick_rng=torch.Generator().manual_seed(seed ^ 0xC0A5),
+            )
+            if corpus is not None:
+                self._setup_corpus_prompts(concept, corpus, anchoring)
+            concept.num_anchors = concept.num_random + (cfg.prompt_anchors if concept.anchor_pool is not None else 0)
+            self.concepts.append(concept)
+
+    def _corpus(self):
+        if not (self.cfg.phrasings or self.cfg.prompt_anchors or self.cfg.calibrate):
+            return None
+        from .prompts import PromptCorpus
+
+        return PromptCorpus.load(self.cfg.corpus, size=self.cfg.corpus_size, seed=self.cfg.seed)
+
+    def _setup_corpus_prompts(self, concept: _Concept, corpus, anchoring: bool, pool: int = 256) -> None:
+        """Encode the concept's pools once: its phrasings (each with the concept's words replaced by the
+        neutral or surrogate prompt) and real prompts that mention no concept of the pack."""
+        from .prompts import replace_concept
+
+        spec, cfg = concept.spec, self.cfg
+        if cfg.phrasings:
+            found = [p for p in corpus.phrasings(spec.target, pool) if p.strip() != spec.target.strip()]
+            if found:
+                neutral = [replace_concept(p, spec.target, spec.neutral_prompt) for p in found]
+                concept.phrasing_pos = self.model.encode(found)
+                concept.phrasing_neu = self.model.encode(neutral)
+                concept.num_phrasings = cfg.phrasings
+            else:
+                logger.warning("concept %s: the corpus %s has no other phrasing of %r; training on the target "
+                               "prompt alone", spec.name, corpus.source, spec.target)
+        if cfg.prompt_anchors and anchoring:
+            unrelated = corpus.unrelated([s.target for s in self.specs], pool)
+            if unrelated:
+                concept.anchor_pool = self.model.encode(unrelated)
+            else:
+                logger.warning("concept %s: the corpus %s has no prompt without the pack's concepts; no prompt "
+                               "anchors", spec.name, corpus.source)
 
     def _setup_layout(self) -> None:
         """Per-sample constants of the membrane-on batch, built once on the device: which membrane each
@@ -208,10 +258,10 @@ class PackTrainer:
         numel = math.prod(self.latent_shape)
         owner, weight, kind, divisor = [], [], [], []
         for k, c in enumerate(self.concepts):
-            na = c.num_anchors
-            owner += [k] * (B + na)
-            weight += [1.0 / (B * numel)] * B + [cfg.la_strength / (max(na, 1) * numel)] * na
-            kind += [0] * B + [1] * na
+            na, ne = c.num_anchors, B * c.erase_rows
+            owner += [k] * (ne + na)
+            weight += [1.0 / (ne * numel)] * ne + [cfg.la_strength / (max(na, 1) * numel)] * na
+            kind += [0] * ne + [1] * na
             divisor.append(cfg.la_strength if na else 1.0)
         owner_t = torch.tensor(owner, device=dev)
         self.sample_layout = {
@@ -279,22 +329,36 @@ class PackTrainer:
             t_to = int(torch.randint(1, cfg.max_denoising_steps, (1,), generator=c.host_rng))
             noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=c.rng, device=self.device,
                                 dtype=self.compute_dtype)
-            anchors = None
-            if c.num_anchors:
+            parts = []
+            if c.num_random:
                 scale = (cfg.anchor_scale_min, cfg.anchor_scale_max)
-                hidden = sample_anchors(c.target.hidden[0], c.num_anchors, c.rng, scale)
+                hidden = sample_anchors(c.target.hidden[0], c.num_random, c.rng, scale)
                 pooled = (None if c.target.pooled is None
-                          else sample_anchors(c.target.pooled[0], c.num_anchors, c.rng, scale))
-                anchors = PromptEmbeds(hidden, pooled)
-            draws.append((t_to, noise, anchors))  # DDIM starts from unit-variance noise
+                          else sample_anchors(c.target.pooled[0], c.num_random, c.rng, scale))
+                if cfg.anchor_batch == "official":
+                    # the official code anchors [uncond, s_j] pairs: every other anchor is the empty prompt's
+                    hidden[0::2] = self.uncond.hidden[0].to(hidden.dtype)
+                    if pooled is not None:
+                        pooled[0::2] = self.uncond.pooled[0].to(pooled.dtype)
+                parts.append(PromptEmbeds(hidden, pooled))
+            if c.num_anchors > c.num_random:
+                pick = torch.randint(len(c.anchor_pool), (c.num_anchors - c.num_random,), generator=c.pick_rng)
+                parts.append(c.anchor_pool.index(pick.to(c.anchor_pool.hidden.device)))
+            anchors = PromptEmbeds.cat(parts) if parts else None
+            phrasings = None
+            if c.num_phrasings:
+                pick = torch.randint(len(c.phrasing_pos), (c.num_phrasings,), generator=c.pick_rng)
+                pick = pick.to(c.phrasing_pos.hidden.device)
+                phrasings = (c.phrasing_pos.index(pick), c.phrasing_neu.index(pick))
+            draws.append((t_to, noise, anchors, phrasings))  # DDIM starts from unit-variance noise
         return draws
 
     @torch.no_grad()
     def _trajectories(self, draws) -> list[torch.Tensor]:
         """Run every concept's partial trajectory in shared batches (membranes on, CFG on the target)."""
         cfg = self.cfg
-        latents = [noise for _, noise, _ in draws]
-        t_tos = [t for t, _, _ in draws]
+        latents = [d[1] for d in draws]
+        t_tos = [d[0] for d in draws]
         for i in range(max(t_tos)):
             active = [k for k, t_to in enumerate(t_tos) if t_to > i]
             x = torch.cat([latents[k] for k in active])
@@ -324,18 +388,24 @@ class PackTrainer:
         B, dev = cfg.batch_size, self.device
         off_embeds, on_embeds = [], []
         off_x, off_t, on_x, on_t = [], [], [], []
-        for c, (t_to, _, anchors), x in zip(self.concepts, draws, latents):
+        for c, (t_to, _, anchors, phrasings), x in zip(self.concepts, draws, latents):
             t = self.schedule.train_timestep(t_to, cfg.max_denoising_steps)
-            na = c.num_anchors
+            na, ne = c.num_anchors, B * c.erase_rows
             ax = x[layout["anchor_rows"][na]]
-            # membrane off: positive, neutral, anchors
-            off_x += [x, x, ax]
-            off_embeds += [c.positive.repeat(B), c.neutral.repeat(B)] + ([anchors] if na else [])
-            off_t.append(torch.full((2 * B + na,), t, dtype=torch.long, device=dev))
-            # membrane on: target, anchors
-            on_x += [x, ax]
-            on_embeds += [c.target.repeat(B)] + ([anchors] if na else [])
-            on_t.append(torch.full((B + na,), t, dtype=torch.long, device=dev))
+            ex = x.repeat(c.erase_rows, *[1] * (x.dim() - 1))
+            positive, neutral, target = c.positive.repeat(B), c.neutral.repeat(B), c.target.repeat(B)
+            if phrasings is not None:  # phrasing j erased on every batch element: rows ordered j-major
+                pos, neu = (p.repeat(B) for p in phrasings)
+                positive, neutral = PromptEmbeds.cat([positive, pos]), PromptEmbeds.cat([neutral, neu])
+                target = PromptEmbeds.cat([target, pos])
+            # membrane off: positives, neutrals, anchors
+            off_x += [ex, ex, ax]
+            off_embeds += [positive, neutral] + ([anchors] if na else [])
+            off_t.append(torch.full((2 * ne + na,), t, dtype=torch.long, device=dev))
+            # membrane on: target and phrasings, anchors
+            on_x += [ex, ax]
+            on_embeds += [target] + ([anchors] if na else [])
+            on_t.append(torch.full((ne + na,), t, dtype=torch.long, device=dev))
         with torch.no_grad(), record_function("spm.membrane_off"):
             self.bank.set_permeability(None)
             with self.autocast:
@@ -345,11 +415,11 @@ class PackTrainer:
         goals = []
         off_i = 0
         for c in self.concepts:
-            na = c.num_anchors
-            pos, neu = off[off_i:off_i + B], off[off_i + B:off_i + 2 * B]
+            na, ne = c.num_anchors, B * c.erase_rows
+            pos, neu = off[off_i:off_i + ne], off[off_i + ne:off_i + 2 * ne]
             g = c.spec.guidance_scale
-            goals += [neu - g * (pos - neu), off[off_i + 2 * B:off_i + 2 * B + na]]
-            off_i += 2 * B + na
+            goals += [neu - g * (pos - neu), off[off_i + 2 * ne:off_i + 2 * ne + na]]
+            off_i += 2 * ne + na
         goal, weight, owner = torch.cat(goals), layout["weight"], layout["owner"]
         x_on, t_on, e_on = torch.cat(on_x), torch.cat(on_t), PromptEmbeds.cat(on_embeds)
         n = x_on.shape[0]
@@ -476,10 +546,14 @@ class PackTrainer:
     def _export(self, index: int) -> Membrane:
         spec = self.specs[index]
         trainer = self.cfg.to_dict()
+        extra = {"concept": json.dumps(spec.to_dict(), sort_keys=True), "iterations": str(self.step)}
+        if self.cfg.calibrate:
+            from .transport import TRANSPORT_KEY, calibrate_transport
+
+            extra[TRANSPORT_KEY] = calibrate_transport(self.model.pipe, [spec.target], self.corpus).to_header()
         return self.bank.export(
             index, name=spec.name, concepts=(spec.target,), family=self.model.family, layout=self.layout,
-            base_fingerprint=self.fingerprint, trainer=trainer,
-            extra={"concept": json.dumps(spec.to_dict(), sort_keys=True), "iterations": str(self.step)},
+            base_fingerprint=self.fingerprint, trainer=trainer, extra=extra,
         )
 
     def close(self) -> None:
@@ -518,9 +592,10 @@ class PackTrainer:
             for key, value in optimizer_state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         for rank, states in enumerate(self._gather_rng_states()):
-            for k, (host, device) in enumerate(states):
+            for k, (host, device, pick) in enumerate(states):
                 tensors[f"rng.{k}.host{_rank_suffix(rank)}"] = host
                 tensors[f"rng.{k}.device{_rank_suffix(rank)}"] = device
+                tensors[f"rng.{k}.pick{_rank_suffix(rank)}"] = pick
         if self.worker_rank != 0:
             return ""
         meta = dict(self._checkpoint_identity(), step=str(self.step), world_size=str(self.world_size))
@@ -531,7 +606,7 @@ class PackTrainer:
         return url
 
     def _gather_rng_states(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        mine = [(c.host_rng.get_state(), c.rng.get_state()) for c in self.concepts]
+        mine = [(c.host_rng.get_state(), c.rng.get_state(), c.pick_rng.get_state()) for c in self.concepts]
         if self.world_size == 1:
             return [mine]
         import torch.distributed as dist
@@ -575,6 +650,8 @@ class PackTrainer:
         for k, c in enumerate(self.concepts):
             c.host_rng.set_state(tensors[f"rng.{k}.host{suffix}"])
             c.rng.set_state(tensors[f"rng.{k}.device{suffix}"])
+            if f"rng.{k}.pick{suffix}" in tensors:  # checkpoints from before phrasings have none
+                c.pick_rng.set_state(tensors[f"rng.{k}.pick{suffix}"])
         self.step = int(meta["step"])
         with warnings.catch_warnings():  # replaying the schedule, the optimizer state is already restored
             warnings.simplefilter("ignore", UserWarning)

@@ -7,18 +7,35 @@ For membrane i with erased concepts C_i and prompt p (Lyu et al. 2024):
 with E the flattened text conditioning the UNet receives and special tokens left out of the token
 sets. ``apply_membranes`` equips a diffusers pipeline so that every ``pipe(...)`` call computes
 gamma per batch element and the UNet applies ``sum_i gamma_i (alpha_i / rank_i) U_i D_i``.
+
+Similarities (``similarity=``):
+
+- ``"paper"``: the formula above as published: cosine of the flattened embeddings, token overlap over
+  every non-special token (function words included);
+- ``"content"``: cosine of the mean embedding of content tokens, mapped from ``[threshold, 1]`` to
+  ``[0, 1]``; overlap over content tokens only;
+- ``"token"`` (default): each content token of the concept against its closest content token of the
+  prompt, in the text encoder's contextual output, averaged over the concept's tokens and mapped from
+  ``[zero, one]`` to ``[0, 1]``, where ``zero`` and ``one`` are calibrated per membrane
+  (``calibrate_transport``) and stored in its header; overlap over content tokens only.
+
+Function words (``spm_train.prompts.FUNCTION_WORDS``) never open a membrane outside ``"paper"``.
+``scaling="official"`` reproduces the official inference code, which multiplies both membrane factors
+by gamma (an effect of gamma squared); ``"linear"`` (default) is the paper's formula.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .membrane import Membrane, MembraneBank
-from .models import ModelAdapter, special_ids
+from .models import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +54,61 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
 
 
-SIMILARITIES = ("paper", "content")
+SIMILARITIES = ("paper", "content", "token")
+SCALINGS = ("linear", "official")
+TRANSPORT_KEY = "transport"  # header key of a membrane's calibrated transport
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Zero and one points of a membrane's ``"token"`` similarity: scores at or below ``zero`` keep the
+    membrane closed, scores at or above ``one`` open it fully."""
+
+    zero: float = 0.85
+    one: float = 1.0
+
+    def to_header(self) -> str:
+        return json.dumps({"similarity": "token", "zero": round(self.zero, 6), "one": round(self.one, 6)},
+                          sort_keys=True)
+
+    @classmethod
+    def from_membrane(cls, membrane: Membrane, default: "Calibration") -> "Calibration":
+        raw = membrane.extra.get(TRANSPORT_KEY)
+        if not raw:
+            return default
+        try:
+            data = json.loads(raw)
+            zero, one = float(data["zero"]), float(data["one"])
+        except (ValueError, TypeError, KeyError):
+            logger.warning("membrane %s: unreadable transport calibration %r; using zero=%.3f one=%.3f",
+                           membrane.name, raw, default.zero, default.one)
+            return default
+        return cls(zero, one) if -1.0 <= zero < one <= 1.0 else default
+
+
+def token_similarity(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.Tensor | None],
+                     concept_embeds: torch.Tensor, concept_masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[B, C]`` raw per-token similarity: for each content token of the concept, the cosine with the
+    closest content token of the prompt (contextual text-encoder output), averaged over the concept's
+    tokens. A prompt without content tokens scores 0; an unknown mask (``None``) scores ``nan``."""
+    out = torch.full((prompt_embeds.shape[0], concept_embeds.shape[0]), float("nan"))
+    concepts = [torch.nn.functional.normalize(e[m.to(e.device)].float(), dim=-1)
+                for e, m in zip(concept_embeds, concept_masks)]
+    for b, (e, m) in enumerate(zip(prompt_embeds, prompt_masks)):
+        if m is None:
+            continue
+        tokens = torch.nn.functional.normalize(e[m.to(e.device)].float(), dim=-1)
+        for c, ct in enumerate(concepts):
+            if tokens.shape[0] == 0 or ct.shape[0] == 0:
+                out[b, c] = 0.0
+            else:
+                out[b, c] = (ct @ tokens.T).max(dim=1).values.mean().cpu()
+    return out
+
+
+def calibrated(raw: torch.Tensor, zero: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
+    """``raw`` mapped linearly from ``[zero, one]`` to ``[0, 1]`` (per column), clamped."""
+    return ((raw - zero) / (one - zero).clamp(min=1e-6)).clamp(0, 1)
 
 
 def content_cosine(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.Tensor | None],
@@ -71,17 +142,29 @@ def permeability(prompt_embeds: torch.Tensor, prompt_ids: Sequence[set[int] | No
                  concept_embeds: torch.Tensor, concept_ids: Sequence[set[int]], owners: Sequence[int],
                  num_membranes: int, facilitate: float = 1.0, *, similarity: str = "paper",
                  prompt_masks: Sequence[torch.Tensor | None] | None = None,
-                 concept_masks: Sequence[torch.Tensor] | None = None, threshold: float = 0.85) -> torch.Tensor:
+                 concept_masks: Sequence[torch.Tensor] | None = None, threshold: float = 0.85,
+                 calibration: Sequence[Calibration] | None = None) -> torch.Tensor:
     """``[batch, membranes]`` permeabilities. ``owners[c]`` is the membrane that erased concept ``c``.
 
-    ``similarity="paper"``: cosine of the flattened embeddings; ``"content"``: ``content_cosine`` (needs
-    the token masks). A prompt whose tokens are unknown (``None``) is scored by the embedding similarity alone.
+    ``similarity="paper"``: cosine of the flattened embeddings; ``"content"``: ``content_cosine``;
+    ``"token"``: ``token_similarity`` mapped by each concept's ``calibration`` (zero and one points; by
+    default ``threshold`` and 1). ``"content"`` and ``"token"`` need the token masks. A prompt whose
+    tokens are unknown (``None``) is scored by the paper's whole-embedding cosine alone.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity {similarity!r} is not one of {list(SIMILARITIES)}")
+    masks = prompt_masks or [None] * len(prompt_ids)
     if similarity == "content":
-        score = content_cosine(prompt_embeds, prompt_masks or [None] * len(prompt_ids), concept_embeds,
-                               concept_masks, threshold)
+        score = content_cosine(prompt_embeds, masks, concept_embeds, concept_masks, threshold)
+    elif similarity == "token":
+        cal = list(calibration) if calibration is not None else [Calibration(threshold)] * len(concept_ids)
+        zero = torch.tensor([c.zero for c in cal])
+        one = torch.tensor([c.one for c in cal])
+        raw = token_similarity(prompt_embeds, masks, concept_embeds, concept_masks)
+        score = calibrated(raw, zero, one).to(prompt_embeds.device)
+        unknown = torch.isnan(raw).any(dim=1)
+        if unknown.any():
+            score[unknown] = cosine_matrix(prompt_embeds[unknown], concept_embeds)
     else:
         score = cosine_matrix(prompt_embeds, concept_embeds)
     overlap = torch.tensor(
@@ -99,11 +182,16 @@ class MembraneHandle:
     """Membranes equipped on a pipeline. ``remove()`` (or leaving the ``with`` block) restores it."""
 
     def __init__(self, pipe, membranes: Sequence[Membrane], *, transport: bool = True,
-                 facilitate: float = 1.0, scales: Sequence[float] | None = None, similarity: str = "content",
-                 threshold: float = 0.85):
+                 facilitate: float = 1.0, scales: Sequence[float] | None = None, similarity: str = "token",
+                 threshold: float = 0.85, scaling: str = "linear"):
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity {similarity!r} is not one of {list(SIMILARITIES)}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling {scaling!r} is not one of {list(SCALINGS)}")
         self.pipe = pipe
+        self.scaling = scaling
+        # the paper's token overlap counts every non-special token; the other similarities content tokens only
+        self.content_only = similarity != "paper"
         self.membranes = list(membranes)
         self.transport = transport
         self.facilitate = facilitate
@@ -133,16 +221,19 @@ class MembraneHandle:
             raise
 
     def _setup_concepts(self) -> None:
-        prompts, owners = [], []
+        prompts, owners, calibration = [], [], []
+        default = Calibration(self.threshold)
         for i, m in enumerate(self.membranes):
             concepts = list(m.concepts) or [m.name]
             prompts += concepts
             owners += [i] * len(concepts)
+            calibration += [Calibration.from_membrane(m, default)] * len(concepts)
         self.concept_prompts = prompts
         self.concept_owner = owners
+        self.calibration = calibration
         self.concept_embeds = self.model.encode(prompts).hidden.float()
-        self.concept_ids = [self.model.token_ids(p) for p in prompts]
-        self.concept_masks = [self.model.content_mask(p) for p in prompts]
+        self.concept_ids = [self.model.token_ids(p, self.content_only) for p in prompts]
+        self.concept_masks = [self.model.content_mask(p, self.content_only) for p in prompts]
 
     # -- hooks -----------------------------------------------------------------------------
     def _record_tokens(self, module, args, kwargs, output) -> None:
@@ -154,7 +245,7 @@ class MembraneHandle:
         hidden_states = getattr(output, "hidden_states", None)
         if hidden_states is not None:
             candidates.append(hidden_states[-2])
-        special = torch.tensor(sorted(special_ids(self.pipe.tokenizer)), device=input_ids.device)
+        special = torch.tensor(sorted(self.model.ignored_ids(self.content_only)), device=input_ids.device)
         self._calls += 1
         for r in range(input_ids.shape[0]):
             mask = ~torch.isin(input_ids[r], special)
@@ -206,17 +297,13 @@ class MembraneHandle:
         found = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
         cfg_pairs = self._cfg_pairs(hidden, [f[2] for f in found])
         unknown = [b for b, f in enumerate(found) if f[0] is None and not (cfg_pairs and b < len(found) // 2)]
-        if unknown and self.similarity == "content" and not self._warned_unknown:
+        if unknown and self.similarity != "paper" and not self._warned_unknown:
             logger.warning("transport: %d prompt embedding(s) did not come from this pipeline's text encoder "
                            "(embeddings passed in or reweighted), so their tokens are unknown and their "
                            "permeability is the paper's whole-embedding cosine, not the content similarity",
                            len(unknown))
             self._warned_unknown = True
-        gamma = permeability(hidden, [f[0] for f in found], self.concept_embeds, self.concept_ids,
-                             self.concept_owner, len(self.membranes), self.facilitate, similarity=self.similarity,
-                             prompt_masks=[f[1] for f in found], concept_masks=self.concept_masks,
-                             threshold=self.threshold)
-        gamma = gamma * self.scales.to(gamma.device)
+        gamma = self._score(hidden, found)
         if cfg_pairs:
             # the unconditional half of a CFG batch follows its prompt, as in the paper's sampler
             half = hidden.shape[0] // 2
@@ -225,6 +312,24 @@ class MembraneHandle:
         self._memo = (hidden, hidden._version, gamma, self._calls)
         self.bank.set_permeability(gamma)
         return None
+
+    def _score(self, hidden: torch.Tensor, found) -> torch.Tensor:
+        gamma = permeability(hidden, [f[0] for f in found], self.concept_embeds, self.concept_ids,
+                             self.concept_owner, len(self.membranes), self.facilitate, similarity=self.similarity,
+                             prompt_masks=[f[1] for f in found], concept_masks=self.concept_masks,
+                             threshold=self.threshold, calibration=self.calibration)
+        if self.scaling == "official":
+            gamma = gamma.pow(2)  # the official code scales both factors of the membrane by gamma
+        return gamma * self.scales.to(gamma.device)
+
+    @torch.no_grad()
+    def prompt_permeability(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[len(prompts), membranes]``: how far each prompt would open each membrane (scales applied),
+        from the text encoder alone. A membrane at 0 leaves that prompt's generation exactly as the base's."""
+        if not self.transport:
+            return self.scales.unsqueeze(0).expand(len(prompts), -1).clone()
+        hidden = self.model.encode(list(prompts)).hidden
+        return self._score(hidden, [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]).cpu()
 
     # -- lifetime --------------------------------------------------------------------------
     def remove(self) -> None:
@@ -242,15 +347,53 @@ class MembraneHandle:
 
 
 def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = True, facilitate: float = 1.0,
-                    scales: Sequence[float] | None = None, similarity: str = "content",
-                    threshold: float = 0.85) -> MembraneHandle:
+                    scales: Sequence[float] | None = None, similarity: str = "token",
+                    threshold: float = 0.85, scaling: str = "linear") -> MembraneHandle:
     """Equip ``pipe`` with ``membranes``; with ``transport`` each opens per prompt by facilitated transport.
 
     Without transport every membrane is fully open (times its scale) for every prompt. ``similarity``
-    picks the embedding term of the permeability: the calibrated ``"content"`` (default; see
-    ``content_cosine``, ``threshold`` is its zero point) or the paper's ``"paper"``. On ToyWorld the
-    calibrated one kept non-target accuracy where the paper's opened membranes to 0.92 for unrelated
-    prompts (README, "Erasure on ToyWorld").
+    picks the permeability's similarity (module docstring): ``"token"`` (default; each membrane's calibrated
+    zero and one points from its header, ``threshold`` as the zero point of membranes without one),
+    ``"content"`` (``threshold`` is its zero point) or the paper's ``"paper"``. ``scaling="official"``
+    applies gamma squared, as the official inference code does. On ToyWorld the paper's similarity opened
+    membranes to 0.92 for unrelated prompts and counted "a" as a shared token (docs/erasure.md).
     """
     return MembraneHandle(pipe, membranes, transport=transport, facilitate=facilitate, scales=scales,
-                          similarity=similarity, threshold=threshold)
+                          similarity=similarity, threshold=threshold, scaling=scaling)
+
+
+@torch.no_grad()
+def calibrate_transport(pipe, concepts: Sequence[str], corpus, *, limit: int = 256,
+                        quantile: float = 0.99, margin: float = 0.01) -> Calibration:
+    """Zero and one points of the ``"token"`` similarity for a membrane erasing ``concepts``, from the
+    text encoder of ``pipe`` and a caption corpus (``spm_train.prompts.PromptCorpus``).
+
+    ``zero``: the ``quantile`` of the scores of captions that mention none of the concepts, plus
+    ``margin``: unrelated prompts leave the membrane closed. ``one``: the median score of captions that
+    mention a concept (its other phrasings), at least ``zero + margin``: a typical phrasing opens it fully.
+    """
+    model = ModelAdapter(pipe)
+    concepts = list(concepts)
+    phrasings = [p for c in concepts for p in corpus.phrasings(c, limit)]
+    unrelated = corpus.unrelated(concepts, limit)
+    if not unrelated:
+        raise ValueError(f"the corpus {corpus.source!r} has no caption without {concepts}: cannot calibrate")
+    c_embeds = model.encode(concepts).hidden.float()
+    c_masks = [model.content_mask(c) for c in concepts]
+
+    def best(prompts: list[str]) -> torch.Tensor:
+        scores = []
+        for lo in range(0, len(prompts), 64):
+            chunk = prompts[lo:lo + 64]
+            raw = token_similarity(model.encode(chunk).hidden.float(), [model.content_mask(p) for p in chunk],
+                                   c_embeds, c_masks)
+            scores.append(raw.max(dim=1).values)
+        return torch.cat(scores)
+
+    zero = float(torch.quantile(best(unrelated), quantile)) + margin
+    one = float(torch.quantile(best(phrasings), 0.5)) if phrasings else 1.0
+    one = min(max(one, zero + margin), 1.0)
+    zero = min(zero, one - margin)
+    logger.info("transport calibration of %s: zero %.3f, one %.3f (%d phrasings, %d unrelated captions)",
+                concepts, zero, one, len(phrasings), len(unrelated))
+    return Calibration(zero, one)

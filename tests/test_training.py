@@ -1,5 +1,8 @@
 """The pack trainer: the paper's losses, per-concept randomness, pack = separate runs, exact resume."""
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,9 +93,23 @@ def test_a_compiled_unet_trains_the_same_weights(monkeypatch):
     assert [r["loss"] for r in traced.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-9)
 
 
-def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path):
+CAPTIONS = ["a cat on a white background", "a red cat", "a dog in a house", "a green tree", "a photo of a dog",
+            "a red car", "a house with a tree", "a blue car on a white background", "a cat and a dog"]
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("\n".join(CAPTIONS))
+    return str(path)
+
+
+@pytest.mark.parametrize("corpus", [False, True], ids=["paper", "phrasings+prompt-anchors"])
+def test_resuming_from_a_checkpoint_gives_the_same_weights(tmp_path, corpus):
     pipe = tiny_pipeline("sd1")
     cfg = SMOKE.replace(iterations=4, checkpoint_every=2)
+    if corpus:
+        cfg = cfg.replace(phrasings=2, prompt_anchors=2, corpus=_corpus(tmp_path))
+        tmp_path = tmp_path / "run"
     straight = train_membranes(pipe, [CAT, DOG], cfg, progress=False)
     # a run that dies after its step-2 checkpoint ...
     first = PackTrainer(pipe, [CAT, DOG], cfg.replace(iterations=4), checkpoint_dir=str(tmp_path), progress=False)
@@ -223,3 +240,75 @@ def test_a_bf16_base_trains_fp32_membranes_close_to_the_fp32_base():
         assert moved > 0  # the fp32 weights took the bf16 branch's gradients
     finally:
         half.close()
+
+
+def test_phrasings_and_prompt_anchors_leave_the_papers_draws_as_they_were(tmp_path):
+    """The paper's draws (trajectory length, noise, sampled anchors) are the same with the new options, so
+    variants compare on equal trajectories; phrasings are erased towards themselves without the concept."""
+    from spm_train.models import ModelAdapter
+    from spm_train.prompts import replace_concept
+
+    pipe = tiny_pipeline("sd1")
+    plain = PackTrainer(pipe, [CAT, DOG], SMOKE, progress=False)
+    plain_draws = [plain._draw() for _ in range(3)]
+    plain.close()
+    cfg = SMOKE.replace(phrasings=3, prompt_anchors=2, corpus=_corpus(tmp_path))
+    rich = PackTrainer(pipe, [CAT, DOG], cfg, progress=False)
+    for before in plain_draws:
+        after = rich._draw()
+        for (t0, n0, a0, _), (t1, n1, a1, phrasings) in zip(before, after):
+            assert t0 == t1 and torch.equal(n0, n1)
+            assert torch.equal(a1.hidden[:len(a0)], a0.hidden)  # the sampled anchors first, unchanged
+            assert len(a1) == len(a0) + 2 and len(phrasings[0]) == 3
+    cat, dog = rich.concepts
+    model = ModelAdapter(pipe)
+    dog_phrasings = ["a dog in a house", "a photo of a dog", "a cat and a dog"]
+    assert torch.equal(dog.phrasing_pos.hidden, model.encode(dog_phrasings).hidden)
+    # dog's surrogate is "cat": each phrasing is pushed towards itself with a cat in the dog's place
+    neutral = [replace_concept(p, "dog", "cat") for p in dog_phrasings]
+    assert neutral == ["a cat in a house", "a photo of a cat", "a cat and a cat"]
+    assert torch.equal(dog.phrasing_neu.hidden, model.encode(neutral).hidden)
+    # prompt anchors name no concept of the pack
+    unrelated = ["a green tree", "a red car", "a house with a tree", "a blue car on a white background"]
+    assert torch.equal(cat.anchor_pool.hidden, model.encode(unrelated).hidden)
+    # erase rows: the target and its 3 phrasings, each weighted a quarter of the target alone
+    layout = rich.sample_layout
+    numel = math.prod(rich.latent_shape)
+    erase = layout["weight"][(layout["owner"] == 0) & (layout["slot"] % 2 == 0)]
+    assert erase.numel() == 4 and torch.allclose(erase, torch.full((4,), 1 / (4 * numel)))
+    rich.close()
+
+
+def test_the_official_anchor_batch_anchors_every_other_row_to_the_empty_prompt():
+    pipe = tiny_pipeline("sd1")
+    ours = PackTrainer(pipe, [CAT], SMOKE.replace(anchors_per_step=4), progress=False)
+    mine = ours._draw()[0][2].hidden
+    ours.close()
+    official = PackTrainer(pipe, [CAT], SMOKE.replace(anchors_per_step=4, anchor_batch="official"), progress=False)
+    theirs = official._draw()[0][2].hidden
+    uncond = official.uncond.hidden[0]
+    official.close()
+    assert all(torch.equal(theirs[i], uncond) for i in (0, 2))
+    assert torch.equal(theirs[1::2], mine[1::2]) and not torch.equal(mine[0], uncond)
+
+
+def test_the_paper_preset_does_not_clip_and_new_options_need_a_corpus():
+    assert TrainerConfig.preset("paper").max_grad_norm == 0.0  # the paper and the official code do not clip
+    assert TrainerConfig.preset("paper").anchor_batch == "project"
+    with pytest.raises(ConfigError) as err:
+        TrainerConfig(phrasings=2, calibrate=True, anchor_batch="theirs", corpus_size=0)
+    message = str(err.value)
+    assert "phrasings, calibrate need corpus" in message and "anchor_batch 'theirs'" in message
+    assert "corpus_size must be >= 1" in message
+
+
+def test_calibrated_training_writes_the_transport_into_the_header(tmp_path):
+    from spm_train.membrane import load_membrane
+    from spm_train.transport import TRANSPORT_KEY, Calibration
+
+    pipe = tiny_pipeline("sd1")
+    cfg = SMOKE.replace(iterations=1, calibrate=True, corpus=_corpus(tmp_path))
+    membrane = train_membranes(pipe, [CAT], cfg, progress=False).membranes[0]
+    loaded = load_membrane(membrane.save(str(tmp_path / "cat.safetensors")))
+    cal = Calibration.from_membrane(loaded, Calibration(-2.0, 2.0))
+    assert -1.0 <= cal.zero < cal.one <= 1.0 and json.loads(loaded.extra[TRANSPORT_KEY])["similarity"] == "token"

@@ -113,7 +113,7 @@ def test_content_similarity_removes_the_padding_floor(sd1_pipe):
     embeds = model.encode(prompts).hidden
     concept = model.encode(["snoopy"]).hidden
     masks = [model.content_mask(p) for p in prompts]
-    assert [int(m.sum()) for m in masks] == [1, 3, 2]
+    assert [int(m.sum()) for m in masks] == [1, 2, 1]  # "a" names nothing
     calibrated = content_cosine(embeds, masks, concept, [model.content_mask("snoopy")], threshold=0.7)[:, 0]
     paper = cosine_matrix(embeds, concept)[:, 0]
     assert calibrated[0] == pytest.approx(1.0, abs=1e-5)
@@ -232,3 +232,67 @@ def test_guided_batches_pair_rows_whatever_the_prompts_repeat(fresh_sd1):
              output_type="pt")
         gamma = handle.last_permeability[:, 0]
         assert gamma[0] == gamma[1] == pytest.approx(1.0)
+
+
+def test_function_words_never_open_a_membrane_outside_the_papers_similarity(fresh_sd1):
+    """The paper's overlap counts "a": every prompt with "a" opened the "a circle" membrane to >= 0.5, and
+    "circle" alone only to 0.5. Content tokens only: "a square" shares nothing, "circle" everything."""
+    m = _membrane(fresh_sd1, "circle", "a circle", 1)
+    prompts = ["a square", "circle", "a photo of a circle"]
+    with apply_membranes(fresh_sd1, [m], similarity="paper") as handle:
+        paper = handle.prompt_permeability(prompts)[:, 0]
+    with apply_membranes(fresh_sd1, [m], similarity="token", threshold=0.999) as handle:
+        token = handle.prompt_permeability(prompts)[:, 0]
+    assert paper[0] >= 0.5  # "a" shared
+    assert token[0] == 0.0
+    assert token[1] == 1.0 and token[2] == 1.0
+
+
+def test_a_membranes_calibration_travels_in_its_header(fresh_sd1, tmp_path):
+    from spm_train.membrane import load_membrane
+    from spm_train.transport import TRANSPORT_KEY, Calibration, calibrated, token_similarity
+
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+    m.extra[TRANSPORT_KEY] = Calibration(0.2, 0.6).to_header()
+    loaded = load_membrane(m.save(str(tmp_path / "snoopy.safetensors")))
+    prompts = ["a red car", "a house", "a tree"]
+    with apply_membranes(fresh_sd1, [loaded]) as handle:  # "token" is the default similarity
+        assert handle.calibration == [Calibration(0.2, 0.6)]
+        gamma = handle.prompt_permeability(prompts)[:, 0]
+    model = ModelAdapter(fresh_sd1)
+    raw = token_similarity(model.encode(prompts).hidden, [model.content_mask(p) for p in prompts],
+                           model.encode(["snoopy"]).hidden, [model.content_mask("snoopy")])[:, 0]
+    torch.testing.assert_close(gamma, calibrated(raw, torch.tensor(0.2), torch.tensor(0.6)))
+    m.extra[TRANSPORT_KEY] = "{not json"
+    with apply_membranes(fresh_sd1, [m], threshold=0.5) as handle:  # unreadable: the caller's default
+        assert handle.calibration == [Calibration(0.5, 1.0)]
+
+
+def test_official_scaling_applies_gamma_squared_and_prompt_permeability_matches_the_pipeline(fresh_sd1):
+    m = _membrane(fresh_sd1, "snoopy", "snoopy", 1)
+    prompts = ["a photo of snoopy", "a red car"]
+    with apply_membranes(fresh_sd1, [m], similarity="paper") as handle:
+        linear = handle.prompt_permeability(prompts)
+        fresh_sd1(prompts, num_inference_steps=2, output_type="pt")
+        torch.testing.assert_close(handle.last_permeability[2:], linear)  # the conditional rows
+    with apply_membranes(fresh_sd1, [m], similarity="paper", scaling="official") as handle:
+        torch.testing.assert_close(handle.prompt_permeability(prompts), linear.pow(2))
+    assert 0 < linear[1, 0] < 1  # so the square is a different number
+    with pytest.raises(ValueError, match="scaling 'cubic'"):
+        apply_membranes(fresh_sd1, [m], scaling="cubic")
+
+
+def test_calibration_on_toyworld_closes_unrelated_captions_and_opens_phrasings():
+    from spm_train.prompts import PromptCorpus
+    from spm_train.toyworld import load_pipeline
+    from spm_train.transport import calibrate_transport, token_similarity
+
+    pipe = load_pipeline()
+    corpus = PromptCorpus.load("toyworld", size=600)
+    cal = calibrate_transport(pipe, ["red"], corpus)
+    model = ModelAdapter(pipe)
+    unrelated = corpus.unrelated(["red"])
+    raw = token_similarity(model.encode(unrelated).hidden, [model.content_mask(p) for p in unrelated],
+                           model.encode(["red"]).hidden, [model.content_mask("red")])[:, 0]
+    assert (raw <= cal.zero).float().mean() >= 0.99  # unrelated captions stay closed
+    assert cal.zero < cal.one <= 1.0

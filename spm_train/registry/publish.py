@@ -29,6 +29,8 @@ class Publication:
     wandb_run_id: str | None = None
     wandb_run_dir: str | None = None
     versions: dict[str, Version] = field(default_factory=dict)  # result key -> version
+    # registry.select=best: result key -> why it was not registered (another candidate of its concept won)
+    unselected: dict[str, str] = field(default_factory=dict)
 
     @property
     def new(self) -> list[Version]:
@@ -36,6 +38,7 @@ class Publication:
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"registry": self.registry, "wandb_run_id": self.wandb_run_id, "wandb_run_dir": self.wandb_run_dir,
+                "unselected": dict(self.unselected),
                 "versions": {k: {"ref": v.ref, "sha256": v.sha256, "status": v.status, "new": v.new,
                                  "aliases": v.aliases} for k, v in self.versions.items()}}
 
@@ -87,18 +90,27 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
     evaluator = load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
     base = _LazyBase(model)
     candidate = cfg.get("candidate_alias")
+    checked = {}  # result key -> (version already registered, or None; membrane; validation report)
     for r in results:
         if r.status == "failed" or not r.membrane:
             continue
-        sha = sha256_file(r.membrane)
-        version = reg.find(r.concept, sha)
+        version = reg.find(r.concept, sha256_file(r.membrane))
+        if version is not None:
+            checked[r.key] = (version, None, None)
+            continue
+        pipe = base.pipe if evaluator is not None else None
+        unet = pipe.unet if pipe is not None else base.skeleton_unet()
+        membrane, report = validate(r.membrane, unet=unet, family=family, base_fingerprint=fingerprint,
+                                    evaluator=evaluator, pipe=pipe, concept_spec=specs.get(r.concept),
+                                    gates=registry_gates(cfg, r.concept))
+        checked[r.key] = (None, membrane, report)
+    if cfg.get("select", "all") == "best":
+        publication.unselected.update(select_best(results, checked))
+    for r in results:
+        if r.key not in checked or r.key in publication.unselected:
+            continue
+        version, membrane, report = checked[r.key]
         if version is None:
-            gates = registry_gates(cfg, r.concept)
-            pipe = base.pipe if evaluator is not None else None
-            unet = pipe.unet if pipe is not None else base.skeleton_unet()
-            membrane, report = validate(r.membrane, unet=unet, family=family, base_fingerprint=fingerprint,
-                                        evaluator=evaluator, pipe=pipe, concept_spec=specs.get(r.concept),
-                                        gates=gates)
             trainer_dict = membrane.trainer if membrane is not None else {}
             lineage = {
                 "base_model": model.get("source"), "base_fingerprint": fingerprint, "family": family,
@@ -123,6 +135,44 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         if version.new:  # logging known bytes again would move W&B's own `latest` back to an old version
             tracker.log_membrane(version, reg.blobs.url_of(version.sha256))
     base.close()
+
+
+def candidate_score(report) -> tuple:
+    """Order of a concept's candidates: passed before not evaluated before failed, then the larger target
+    drop minus preservation drop (the erasure it buys net of what it costs)."""
+    rank = {"passed": 0, "not_evaluated": 1}.get(report.status, 2)
+    m = report.metrics
+    net = m.get("target_drop", m.get("erasure_rate", 0.0)) - m.get("preservation_drop", 0.0)
+    return (rank, -net if math.isfinite(net) else math.inf)
+
+
+def select_best(results: Sequence, checked: Mapping[str, tuple]) -> dict[str, str]:
+    """``registry.select=best``: per concept, keep the best candidate (``candidate_score``) of its sweep
+    points; returns the other candidates' keys with the reason. A concept already registered from one
+    of its candidates keeps that version as a candidate like any other, scored by its stored validation."""
+    by_concept: dict[str, list] = {}
+    for r in results:
+        if r.key in checked:
+            by_concept.setdefault(r.concept, []).append(r)
+    dropped = {}
+    for concept, candidates in by_concept.items():
+        if len(candidates) < 2:
+            continue
+
+        def score(r):
+            version, _, report = checked[r.key]
+            if report is None:
+                from .validate import ValidationReport
+
+                report = ValidationReport(behavioural=version.status, metrics=dict(version.metrics))
+            return candidate_score(report)
+
+        best = min(candidates, key=score)
+        for r in candidates:
+            if r is not best:
+                dropped[r.key] = f"{concept}: sweep point {best.point_id} scored better than {r.point_id}"
+        logger.info("%s: selected sweep point %s of %d candidates", concept, best.point_id, len(candidates))
+    return dropped
 
 
 def registry_gates(cfg: Mapping[str, Any], concept: str) -> Gates:
@@ -156,6 +206,8 @@ def check_registry_config(cfg: Mapping[str, Any], concepts: Sequence[str]) -> li
             value = getattr(g, name)
             if not (math.isfinite(value) and -1.0 <= value <= 1.0):
                 problems.append(f"registry gate {name} of {concept!r} is {value}; rates and drops lie in [-1, 1]")
+    if cfg.get("select", "all") not in ("all", "best"):
+        problems.append(f"registry.select={cfg.get('select')}: all (every sweep point) or best (per concept)")
     alias = cfg.get("candidate_alias")
     if alias:
         if alias == LATEST or is_protected(alias):

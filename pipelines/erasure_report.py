@@ -1,0 +1,253 @@
+"""The erasure report: every training/transport variant of a ToyWorld concept set, measured on held-out
+phrasings, with the Pareto frontier and the bar.
+
+    python -m pipelines.erasure_report
+    python -m pipelines.erasure_report variants=[calibrated,phrasings] bench.samples=2
+
+Writes ``report.md``, ``report.json``, ``pareto.png`` and each variant's membranes under ``out``.
+The variant closest to the bar is also measured on ToyWorld's variant model (transfer) and with
+transport off (ablation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.schema import register
+from spm_train.errors import ConfigError, SPMError
+
+logger = logging.getLogger("pipelines.erasure_report")
+
+register()
+
+
+def check(cfg: DictConfig):
+    """Every problem of the config in one ``ConfigError``; returns (concepts, variants, settings)."""
+    from spm_train.config import ConceptSpec, TrainerConfig
+    from spm_train.erasure import ErasureSettings
+    from spm_train.transport import SCALINGS, SIMILARITIES
+
+    problems = []
+    concepts = []
+    for raw in OmegaConf.to_container(cfg.concepts.concepts, resolve=True):
+        try:
+            concepts.append(ConceptSpec(**raw))
+        except (ConfigError, TypeError) as exc:
+            problems.append(str(exc))
+    variants = {}
+    catalog = OmegaConf.to_container(cfg.catalog, resolve=True)
+    for name in cfg.variants:
+        if name not in catalog:
+            problems.append(f"variants: {name!r} is not in the catalog ({', '.join(catalog)})")
+            continue
+        entry = catalog[name] or {}
+        unknown = sorted(set(entry) - {"trainer", "transport"})
+        if unknown:
+            problems.append(f"catalog.{name}: unknown keys {unknown} (trainer, transport)")
+        try:
+            trainer = TrainerConfig.preset(cfg.preset, **(entry.get("trainer") or {}))
+        except (ConfigError, TypeError) as exc:
+            problems.append(f"catalog.{name}.trainer: {exc}")
+            continue
+        transport = dict(entry.get("transport") or {})
+        if transport.get("similarity", "token") not in SIMILARITIES:
+            problems.append(f"catalog.{name}.transport.similarity: one of {', '.join(SIMILARITIES)}")
+        if transport.get("scaling", "linear") not in SCALINGS:
+            problems.append(f"catalog.{name}.transport.scaling: one of {', '.join(SCALINGS)}")
+        if set(transport) - {"similarity", "scaling"}:
+            problems.append(f"catalog.{name}.transport: only similarity and scaling")
+        variants[name] = (trainer, transport)
+    if not cfg.variants:
+        problems.append("variants is empty")
+    try:
+        settings = ErasureSettings(**OmegaConf.to_container(cfg.bench, resolve=True))
+    except TypeError as exc:
+        problems.append(f"bench: {exc}")
+        settings = None
+    if settings is not None:
+        for key in ("samples", "fills", "steps", "bootstrap"):
+            value = getattr(settings, key)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"bench.{key} must be an integer >= 1, got {value!r}")
+        if not 0 < settings.draw_threshold <= 1:
+            problems.append(f"bench.draw_threshold must be in (0, 1], got {settings.draw_threshold}")
+    if problems:
+        raise ConfigError("erasure report", problems)
+    return concepts, variants, settings
+
+
+def run(cfg: DictConfig) -> dict:
+    import dataclasses
+
+    import torch
+
+    from spm_train import io
+    from spm_train.erasure import ErasureBench, summarise
+    from spm_train.report import markdown_table, pareto_plot
+    from spm_train.toyworld import load_pipeline
+    from spm_train.training import train_membranes
+
+    concepts, variants, settings = check(cfg)
+    out = str(cfg.out)
+    os.makedirs(out, exist_ok=True)
+    pipe = load_pipeline("base")
+    results, membranes_of = {}, {}
+    benches, trained_by = {}, {}
+    for name, (trainer, transport) in variants.items():
+        fingerprint = trainer.fingerprint()
+        stored = _stored(out, name, concepts, trainer)
+        if fingerprint in trained_by:
+            logger.info("variant %s: the same trainer as %s, its membranes reused", name, trained_by[fingerprint][0])
+            trained = trained_by[fingerprint][1]
+        elif stored is not None:
+            logger.info("variant %s: membranes of the same trainer found in %s, reused", name, out)
+            trained = stored
+            trained_by[fingerprint] = (name, trained)
+        else:
+            logger.info("variant %s: training %d membranes", name, len(concepts))
+            trained = train_membranes(pipe, concepts, trainer, progress=True).membranes
+            trained_by[fingerprint] = (name, trained)
+        membranes = {m.name: m for m in trained}
+        for m in trained:
+            m.save(os.path.join(out, name, f"{m.name}.safetensors"))
+        key = (transport.get("similarity", "token"), transport.get("scaling", "linear"))
+        if key not in benches:
+            s = dataclasses.replace(settings, similarity=key[0], scaling=key[1])
+            base = benches.get("base_images")
+            bench = ErasureBench(pipe, concepts, s) if base is None else base.with_settings(s)
+            benches.setdefault("base_images", bench)
+            benches[key] = bench
+        rows = benches[key].measure(membranes)
+        results[name] = {"trainer": trainer.to_dict(), "transport": transport,
+                         "rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
+        membranes_of[name] = membranes
+        logger.info("variant %s: %s", name, json.dumps(results[name]["summary"]))
+
+    bar = OmegaConf.to_container(cfg.bar, resolve=True)
+    best = min(results, key=lambda n: _distance(results[n]["summary"], bar))
+    extra = {}
+    trainer, transport = variants[best]
+    base_bench = benches[(transport.get("similarity", "token"), transport.get("scaling", "linear"))]
+    if cfg.transport_off:
+        off = base_bench.with_settings(dataclasses.replace(base_bench.settings, transport=False))
+        rows = off.measure(membranes_of[best])
+        extra["transport_off"] = {"rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
+    if cfg.transfer:
+        del pipe
+        torch.manual_seed(0)
+        variant_pipe = load_pipeline("variant")
+        transfer = ErasureBench(variant_pipe, concepts, base_bench.settings)
+        rows = transfer.measure(membranes_of[best])
+        extra["transfer"] = {"rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
+
+    report = {"concepts": [c.name for c in concepts], "settings": dataclasses.asdict(settings), "bar": bar,
+              "variants": results, "best": best, "best_extra": extra,
+              "command": "python -m pipelines.erasure_report " + " ".join(sys.argv[1:])}
+    with io.atomic_output(os.path.join(out, "report.json")) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=2)
+    points = {f"{n} ({mode})": (s["mean_nontarget_drop"], s["mean_p_after"])
+              for n, r in results.items() for mode, s in r["summary"].items()}
+    pareto_plot(points, os.path.join(out, "pareto.png"),
+                x_label="mean non-target accuracy drop (points)", y_label="mean P(target) after")
+    _write_markdown(report, out, markdown_table)
+    logger.info("best variant: %s; report: %s", best, os.path.join(out, "report.md"))
+    return report
+
+
+def _stored(out: str, variant: str, concepts, trainer):
+    """The variant's membranes from an earlier run into the same ``out`` (a report resumes), when every
+    concept's file is there and was trained with this trainer; otherwise None."""
+    from spm_train.errors import MembraneFormatError
+    from spm_train.membrane import load_membrane
+
+    membranes = []
+    for c in concepts:
+        path = os.path.join(out, variant, f"{c.name}.safetensors")
+        if not os.path.exists(path):
+            return None
+        try:
+            membrane = load_membrane(path)
+        except MembraneFormatError:
+            return None
+        if membrane.trainer != trainer.to_dict():
+            return None
+        membranes.append(membrane)
+    return membranes
+
+
+def _distance(summary: dict, bar: dict) -> float:
+    """How far a variant is from the bar: the largest excess over any limit (0 when it meets it)."""
+    worst = 0.0
+    for mode, limits in bar.items():
+        if mode not in summary:
+            continue
+        s = summary[mode]
+        worst = max(worst, s["max_p_after"] - limits["max_p_after"],
+                    (s["max_nontarget_drop"] - limits["max_nontarget_drop"]) / 100)
+    return worst + 1e-3 * sum(s["mean_p_after"] + s["mean_nontarget_drop"] / 100 for s in summary.values())
+
+
+def _fmt_ci(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _rows_table(rows, markdown_table) -> str:
+    return markdown_table(
+        ["concept", "equipped", "drawable", "P before", "P after", "P after 95% CI", "non-target drop (pts)",
+         "drop 95% CI", "pixel MSE", "γ target", "γ non-target"],
+        [[r["concept"], r["equipped"], r["drawable"], f"{r['p_before']:.2f}", f"{r['p_after']:.2f}",
+          _fmt_ci(r["p_after_ci"]), f"{r['nontarget_drop']:.1f}", _fmt_ci(r["nontarget_drop_ci"]),
+          f"{r['pixel_mse']:.2e}", f"{r['gamma_target']:.2f}", f"{r['gamma_nontarget']:.2f}"] for r in rows])
+
+
+def _write_markdown(report: dict, out: str, markdown_table) -> None:
+    from spm_train import io
+
+    bar = report["bar"]
+    lines = [f"# Erasure report: {', '.join(report['concepts'])}", "",
+             f"Command: `{report['command']}`", "",
+             "Held-out evaluation templates (`spm_train/toyworld/eval_prompts.py`), drawable prompts only "
+             f"(base draws the target in >= {report['settings']['draw_threshold']:.0%} of "
+             f"{report['settings']['samples']} samples). Bar: alone P after <= {bar['alone']['max_p_after']}, "
+             f"non-target drop <= {bar['alone']['max_nontarget_drop']} pts; together "
+             f"<= {bar['together']['max_p_after']}, <= {bar['together']['max_nontarget_drop']} pts.", "",
+             "## Variants", ""]
+    summary_rows = []
+    for name, r in report["variants"].items():
+        for mode, s in r["summary"].items():
+            summary_rows.append([name, mode, f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
+                                 f"{s['max_nontarget_drop']:.1f}", f"{s['mean_nontarget_drop']:.1f}",
+                                 f"{s['mean_pixel_mse']:.2e}"])
+    lines += [markdown_table(["variant", "equipped", "max P after", "mean P after", "max non-target drop",
+                              "mean non-target drop", "mean pixel MSE"], summary_rows), "",
+              "![Pareto](pareto.png)", "", f"## Best: {report['best']}", "",
+              _rows_table(report["variants"][report["best"]]["rows"], markdown_table), ""]
+    for key, title in (("transfer", "On the variant model (transfer)"), ("transport_off", "Transport off")):
+        if key in report["best_extra"]:
+            lines += [f"## {title}", "", _rows_table(report["best_extra"][key]["rows"], markdown_table), ""]
+    for name, r in report["variants"].items():
+        if name != report["best"]:
+            lines += [f"## {name}", "", _rows_table(r["rows"], markdown_table), ""]
+    with io.atomic_output(os.path.join(out, "report.md")) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines))
+
+
+@hydra.main(config_path="../conf", config_name="erasure_report", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except SPMError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

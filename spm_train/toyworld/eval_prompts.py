@@ -1,0 +1,88 @@
+"""Evaluation prompts for ToyWorld erasure: sentence forms that neither the base model's captions nor any
+training corpus use.
+
+The base was trained on ``render.CAPTION_TEMPLATES`` and the ``"toyworld"`` prompt corpus draws from the
+same templates, so these forms (other word orders, lead-in phrases, words outside ToyWorld's vocabulary)
+measure whether erasure holds beyond the phrasings a membrane trained on. Every template names a shape,
+a colour and a style, so each concept kind is measured on every form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES
+
+EVAL_TEMPLATES = (
+    "a {colour} {style} {shape}",
+    "a {shape}, {colour} and {style}",
+    "the {style} {shape} is {colour}",
+    "{colour} {shape} drawn {style}",
+    "a {style} {shape} in {colour}",
+    "{background} background with a {style} {colour} {shape}",
+    "picture of a {style} {colour} {shape}",
+    "a {shape}: {colour}, {style}",
+    "one {colour} {shape}, {style}, on {background}",
+    "a {style} {shape} coloured {colour}",
+    "simple {style} {colour} {shape} icon",
+    "a big {colour} {style} {shape}",
+    "{style} {colour} {shape} on a {background} background, centred",
+    "an image of a {colour} {shape} with a {style} fill",
+)
+
+HEADS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
+
+
+def _check_disjoint() -> None:
+    seen = {t for t, _ in CAPTION_TEMPLATES}
+    overlap = [t for t in EVAL_TEMPLATES if t in seen or t.removeprefix("a ") in seen]
+    if overlap:
+        raise AssertionError(f"evaluation templates also used for training: {overlap}")
+
+
+_check_disjoint()
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    text: str
+    template: int
+    attributes: tuple[tuple[str, str], ...]  # (head, value) of shape, colour, style
+
+    def value(self, head: str) -> str:
+        return dict(self.attributes)[head]
+
+
+def concept_head(word: str) -> str:
+    """The attribute (shape, colour or style) that a ToyWorld concept word names."""
+    for head, values in HEADS.items():
+        if word in values:
+            return head
+    raise ValueError(f"{word!r} is not a ToyWorld shape, colour or style")
+
+
+def fill(template: int, rng: np.random.Generator, allowed: dict[str, list[str]], **fixed) -> EvalPrompt:
+    attrs = {head: fixed.get(head) or str(rng.choice(allowed[head])) for head in HEADS}
+    text = EVAL_TEMPLATES[template].format(background=str(rng.choice(BACKGROUNDS)), **attrs)
+    return EvalPrompt(text, template, tuple(attrs.items()))
+
+
+def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
+                    templates: int | None = None) -> tuple[dict[str, list[EvalPrompt]], list[EvalPrompt]]:
+    """Target prompts of every concept word (each template filled ``fills`` times with the concept fixed
+    and the other attributes drawn from all values) and non-target prompts (attributes drawn from the
+    values no concept erases). Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    erased = {head: {w for w in concept_words if concept_head(w) == head} for head in HEADS}
+    everything = {head: list(values) for head, values in HEADS.items()}
+    kept = {head: [v for v in values if v not in erased[head]] for head, values in HEADS.items()}
+    empty = [head for head, values in kept.items() if not values]
+    if empty:
+        raise ValueError(f"every {', '.join(empty)} is erased: no non-target prompt can be formed")
+    count = len(EVAL_TEMPLATES) if templates is None else templates
+    targets = {w: [fill(t, rng, everything, **{concept_head(w): w}) for t in range(count) for _ in range(fills)]
+               for w in concept_words}
+    others = [fill(t, rng, kept) for t in range(count) for _ in range(fills)]
+    return targets, others

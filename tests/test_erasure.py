@@ -1,0 +1,95 @@
+"""The erasure report's measurement: held-out phrasings, drawable prompts, intervals, exact reuse of the
+base generations where no membrane opens, and the candidate selection of the registry stage."""
+
+import pytest
+import torch
+
+from spm_train import ConceptSpec, MembraneBank
+from spm_train.erasure import ErasureBench, ErasureSettings, bootstrap_mean, summarise
+from spm_train.prompts import PromptCorpus
+from spm_train.toyworld.eval_prompts import EVAL_TEMPLATES, erasure_prompts
+from spm_train.transport import TRANSPORT_KEY, Calibration
+
+CIRCLE = ConceptSpec("circle", "a circle", guidance_scale=16.0)
+RED = ConceptSpec("red", "red", guidance_scale=16.0)
+
+
+def test_evaluation_prompts_are_held_out_from_the_training_corpus():
+    assert len(EVAL_TEMPLATES) >= 12
+    targets, others = erasure_prompts(["circle", "red", "striped"], fills=2, seed=0)
+    evaluation = {p.text for ps in targets.values() for p in ps} | {p.text for p in others}
+    corpus = set(PromptCorpus.load("toyworld", size=5000).captions)  # every caption form training can see
+    assert not evaluation & corpus
+    assert all(p.value("colour") == "red" for p in targets["red"])
+    # non-target prompts name no erased value, and every kept value of every attribute can appear
+    assert not any({"circle", "red", "striped"} & {v for _, v in p.attributes} for p in others)
+    with pytest.raises(ValueError, match="every style is erased"):
+        erasure_prompts(["solid", "outline", "striped", "dotted"])
+
+
+def test_bootstrap_intervals_are_over_prompts():
+    assert bootstrap_mean(torch.full((10,), 0.25), 200) == (0.25, 0.25)
+    lo, hi = bootstrap_mean(torch.tensor([0.0] * 10 + [1.0] * 10), 2000)
+    assert 0.2 <= lo < 0.4 and 0.6 < hi <= 0.8  # the mean of 20 fair coins: 0.5 +- 1.96 x 0.112
+
+
+@pytest.fixture(scope="module")
+def bench():
+    from spm_train.toyworld import load_pipeline
+
+    settings = ErasureSettings(samples=2, fills=1, templates=2, steps=8, bootstrap=100)
+    return ErasureBench(load_pipeline(), [CIRCLE, RED], settings, progress=False)
+
+
+def _zero_membrane(pipe, name, concept):
+    bank = MembraneBank.attach(pipe.unet, generators=[torch.Generator().manual_seed(0)])
+    membrane = bank.export(0, name=name, concepts=(concept,), family="sd1")  # up weights start at zero
+    bank.detach()
+    return membrane
+
+
+def test_a_membrane_that_changes_nothing_measures_as_nothing(bench):
+    membranes = {"circle": _zero_membrane(bench.pipe, "circle", "a circle"),
+                 "red": _zero_membrane(bench.pipe, "red", "red")}
+    rows = bench.measure(membranes)
+    assert [(r.concept, r.equipped) for r in rows] == [
+        ("circle", "alone"), ("red", "alone"), ("circle", "together"), ("red", "together")]
+    for r in rows:
+        assert r.p_after == pytest.approx(r.p_before) and r.nontarget_drop == pytest.approx(0.0)
+        assert r.pixel_mse == pytest.approx(0.0, abs=1e-10)
+        assert r.p_before >= 0.5 or r.drawable == 0  # only drawable prompts count
+    alone = {r.concept: r for r in rows if r.equipped == "alone"}
+    assert alone["circle"].gamma_target == 1.0 and alone["circle"].gamma_nontarget < 0.5
+    assert summarise(rows)["together"]["max_p_after"] == max(r.p_after for r in rows if r.equipped == "together")
+
+
+def test_only_prompts_that_open_a_membrane_are_rendered_again(bench, monkeypatch):
+    rendered = []
+    original = bench._render
+    monkeypatch.setattr(bench, "_render", lambda which, desc: rendered.append(list(which)) or original(which, desc))
+    membrane = _zero_membrane(bench.pipe, "red", "red")
+    membrane.extra[TRANSPORT_KEY] = Calibration(0.99, 1.0).to_header()  # as calibrate_transport finds for red
+    images, _, gamma = bench.generations([membrane])
+    opened = [i for i, p in enumerate(bench.prompts) if p.value("colour") == "red"]
+    assert rendered == [opened] and (gamma[opened] == 1).all()
+    closed = [i for i in range(len(bench.prompts)) if i not in opened]
+    assert torch.equal(images[closed], bench.base[closed]) and (gamma[closed] == 0).all()
+
+
+def test_select_best_keeps_one_candidate_per_concept():
+    from spm_train.bulk.store import ConceptResult
+    from spm_train.registry.publish import select_best
+    from spm_train.registry.validate import ValidationReport
+
+    def candidate(concept, point, status, target_drop, preservation_drop):
+        r = ConceptResult(concept=concept, key=f"{concept}-{point}", point={"la_strength": point},
+                          point_id=f"p{point}", status="trained", membrane="unused")
+        report = ValidationReport(behavioural=status,
+                                  metrics={"target_drop": target_drop, "preservation_drop": preservation_drop})
+        return r, (None, None, report)
+
+    entries = [candidate("cat", 0, "failed", 0.95, 0.0), candidate("cat", 1, "passed", 0.6, 0.3),
+               candidate("cat", 2, "passed", 0.6, 0.1), candidate("dog", 0, "failed", 0.2, 0.5)]
+    dropped = select_best([r for r, _ in entries], {r.key: c for r, c in entries})
+    assert sorted(dropped) == ["cat-0", "cat-1"]  # the passing point with the best net drop wins
+    assert "p2 scored better than p0" in dropped["cat-0"]
