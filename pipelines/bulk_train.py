@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.console import quiet_console
 from pipelines.schema import register
 from spm_train.bulk.plan import Job, expand, pack
 from spm_train.bulk.runner import ClusterOptions, check_reachable, connect, run_jobs
@@ -317,13 +318,16 @@ def summary_rows(summary: RunSummary) -> list[list[str]]:
     rows = []
     for r in summary.results:
         where = summary.versions.get(r.key) or r.key[:12]
+        cost = "-" if r.status == "failed" else f"{r.cost_seconds:.1f}"
         rows.append([r.concept, r.point_id, r.status, _fmt(r.loss), _fmt(r.erase), _fmt(r.anchor),
-                     r.error if r.error else where, f"{r.seconds:.1f}s"])
+                     r.error if r.error else where, cost])
     return rows
 
 
-# membrane paths are in manifest.json; the table names the registry version (or the result key)
-HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "version / error", "wall"]
+# membrane paths are in manifest.json; the table names the registry version (or the result key).
+# "s / concept": the training pack's wall time over the concepts it trained together (a cached row shows
+# what it cost when it was trained)
+HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "version / error", "s / concept"]
 
 
 def _write_summary(summary: RunSummary) -> None:
@@ -338,14 +342,20 @@ def print_summary(summary: RunSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"bulk run: {len(summary.results)} result(s), {len(summary.failed)} failed, "
+    table = Table(title_justify="left", title=f"bulk run: {len(summary.results)} result(s), {len(summary.failed)} failed, "
                         f"{summary.seconds:.0f}s")
     for name in HEADER:
-        table.add_column(name, overflow="fold")
+        # only an error message may wrap: a number or a name cut in two reads as two values
+        table.add_column(name, no_wrap=name != "version / error", overflow="fold")
     styles = {"failed": "red", "cached": "dim", "trained": "green"}
     for r, row in zip(summary.results, summary_rows(summary)):
         table.add_row(*row, style=styles.get(r.status))
     console = Console()
+    if not console.is_terminal:
+        # a log file or a pipe has no width: rich assumes 80 columns and would wrap the cells
+        # (an error message longer than that still folds inside its own cell)
+        wanted = console.measure(table, options=console.options.update_width(240)).maximum
+        console = Console(width=max(console.width, wanted))
     console.print(table)
     console.print(f"manifest: {summary.manifest}")
     console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}")
@@ -374,6 +384,7 @@ def _mark_failed(reason: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     # in a multirun (-m) a failed job is logged and marked, and the sweep goes on to the next one
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:

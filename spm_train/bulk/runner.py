@@ -260,6 +260,7 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
         row = ConceptResult(
             concept=task.concept.name, key=task.key, point=task.point, point_id=task.point_id, status="trained",
             loss=final.get("loss"), erase=final.get("erase"), anchor=final.get("anchor"), seconds=seconds,
+            pack_concepts=len(job.tasks),
             started=started, finished=time.time(), job_id=job.job_id, resumed_from=result.resumed_from, node=node,
             history=[r for r in result.history if r["concept"] == task.concept.name],
         )

@@ -107,7 +107,7 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
                 "sweep_point": dict(r.point), "sweep_point_id": r.point_id, "wandb_run_id": tracker.run_id,
                 "wandb_project": None if tracker.run_id is None else getattr(tracker.run, "project", None),
                 "run_dir": run_dir, "result_key": r.key, "job_id": r.job_id, "node": r.node,
-                "trained_seconds": r.seconds, "source_file": r.membrane,
+                "trained_seconds": r.seconds, "pack_concepts": r.pack_concepts, "source_file": r.membrane,
             }
             metrics = {k: v for k, v in (("loss", r.loss), ("erase", r.erase), ("anchor", r.anchor)) if v is not None}
             aliases = (candidate,) if candidate and report.status != "failed" else ()
