@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import sys
 import time
@@ -25,7 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.console import quiet_console
+from pipelines.help import register_help
 from pipelines.schema import register
+from spm_train.bulk.objective import OBJECTIVES, check_objective, objective_value
 from spm_train.bulk.plan import Job, expand, pack
 from spm_train.bulk.runner import ClusterOptions, check_reachable, connect, run_jobs
 from spm_train.bulk.store import ConceptResult, ResultStore, write_json
@@ -35,6 +38,7 @@ from spm_train.errors import ConfigError, SPMError
 logger = logging.getLogger("pipelines.bulk_train")
 
 register()
+register_help()
 
 
 @dataclass
@@ -62,6 +66,8 @@ class RunSummary:
     wandb_run_dir: str | None = None  # the W&B run folder, when tracking is on
     versions: dict[str, str] = field(default_factory=dict)  # result key -> "concept:vN"
     report: str | None = None  # the evaluation report (report.md), when eval.enabled
+    objective: str = "loss"  # the config's objective, and its value over this run (NaN: incomplete)
+    objective_value: float = math.nan
 
     @property
     def failed(self) -> list[ConceptResult]:
@@ -206,6 +212,8 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
         problems += check_eval_config(cfg, concepts)
         if cfg.registry.enabled:
             problems += check_registry_config(_registry_section(cfg), [c.name for c in concepts])
+    evaluated = bool(cfg.registry.enabled and _registry_section(cfg).get("evaluator"))
+    problems += check_objective(cfg.objective, evaluated=evaluated, sweeping=_multirun())
     return problems
 
 
@@ -223,11 +231,17 @@ def _writable(folder: str) -> bool:
 # -- the job -----------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig, *, run_dir: str | None = None,
+def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | None = None,
           task_options: Callable[[Job], dict] | None = None) -> RunSummary:
-    """Plan, schedule, gather, summarise. ``task_options`` adds Ray options per job (tests pin nodes)."""
+    """Plan, schedule, gather, summarise. ``task_options`` adds Ray options per job (tests pin nodes).
+
+    ``sweep_label`` names this run's point of an outer sweep (a Hydra multirun job's overrides): it
+    prefixes the sweep point of every result, so the summary, registry lineage and W&B tell them apart.
+    """
     start = time.perf_counter()
     plan = plan_run(cfg)
+    if sweep_label:
+        _label_points(plan, sweep_label)
     run_dir = run_dir or cfg.paths.run_dir
     os.makedirs(run_dir, exist_ok=True)
     n_tasks = sum(len(j.tasks) for j in plan.jobs)
@@ -260,9 +274,35 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
     report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
     summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
                          registry=published.registry, wandb_run_dir=published.wandb_run_dir,
-                         versions={k: v.ref for k, v in published.versions.items()}, report=report)
+                         versions={k: v.ref for k, v in published.versions.items()}, report=report,
+                         objective=cfg.objective, objective_value=_objective(cfg.objective, results, published))
     _write_summary(summary)
     return summary
+
+
+def _label_points(plan: RunPlan, label: str) -> None:
+    """Prefix every sweep point of ``plan`` with ``label`` (labels only: result keys are unchanged)."""
+    for task in [t for job in plan.jobs for t in job.tasks]:
+        task.point_id = label if task.point_id == "default" else f"{label},{task.point_id}"
+    for result in plan.cached:
+        result.point_id = label if result.point_id == "default" else f"{label},{result.point_id}"
+
+
+def _objective(name: str, results: list[ConceptResult], published) -> float:
+    """The config's objective over the run, from final losses and the registry validation's metrics."""
+    rows = []
+    for r in results:
+        if r.status == "failed":
+            rows.append(None)
+            continue
+        version = published.versions.get(r.key)
+        recorded = (version.validation or {}).get("metrics", {}) if version is not None else {}
+        rows.append({"loss": r.loss, "erase": r.erase, "anchor": r.anchor, **recorded, **r.metrics})
+    return objective_value(name, rows)
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _registry_section(cfg: DictConfig) -> dict:
@@ -330,12 +370,22 @@ def summary_rows(summary: RunSummary) -> list[list[str]]:
 HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "version / error", "s / concept"]
 
 
+def objective_line(summary: RunSummary) -> str:
+    objective = OBJECTIVES[summary.objective]
+    value = "n/a (a concept failed or was not evaluated)" if math.isnan(summary.objective_value) \
+        else f"{summary.objective_value:.4g}"
+    return f"objective {objective.name} ({objective.direction}; {objective.describe}): {value}"
+
+
 def _write_summary(summary: RunSummary) -> None:
+    from spm_train.io import atomic_output
+
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(summary)]
-    path = os.path.join(summary.run_dir, "summary.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    lines += ["", objective_line(summary)]
+    with atomic_output(os.path.join(summary.run_dir, "summary.md")) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -357,6 +407,7 @@ def print_summary(summary: RunSummary) -> None:
         wanted = console.measure(table, options=console.options.update_width(240)).maximum
         console = Console(width=max(console.width, wanted))
     console.print(table)
+    console.print(objective_line(summary))
     console.print(f"manifest: {summary.manifest}")
     console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}")
     if summary.report:
@@ -382,19 +433,26 @@ def _mark_failed(reason: str) -> None:
         fh.write(reason + "\n")
 
 
+def _job_label() -> str:
+    """A multirun job's name: its overrides as Hydra writes them (hydra.job.override_dirname)."""
+    job = HydraConfig.get().job
+    return (job.override_dirname or f"job{job.num}").replace("/", "_")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Returns the run's objective (``objective=...``), which sweepers such as Optuna compare."""
     quiet_console()
     # in a multirun (-m) a failed job is logged and marked, and the sweep goes on to the next one
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    multirun = _multirun()
     try:
-        summary = train(cfg)
+        summary = train(cfg, sweep_label=_job_label() if multirun else None)
     except SPMError as exc:
         logger.error("%s", exc)
         if not multirun:
             sys.exit(2)
         _mark_failed(str(exc))
-        return
+        return math.nan
     except KeyboardInterrupt:
         logger.error("interrupted; the same command resumes: finished concepts are cached, packs restart "
                      "from their last checkpoint")
@@ -405,6 +463,7 @@ def main(cfg: DictConfig) -> None:
         if not multirun:
             sys.exit(1)
         _mark_failed(f"{len(summary.failed)} concept(s) failed")
+    return summary.objective_value
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ class EvalConfig:
 class PathsConfig:
     root: str = "${oc.env:SPM_HOME,runs}"
     store: str = "${paths.root}/store"
-    run_dir: str = "${hydra:runtime.output_dir}"
+    # Optional: `--cfg job --resolve` prints the config outside a run, where Hydra has no output dir
+    run_dir: Optional[str] = "${hydra:runtime.output_dir}"
 
 
 @dataclass
@@ -123,6 +124,9 @@ class BulkTrainConfig:
     # trainer field -> values; the cartesian product runs concurrently as one bulk run
     sweep: Dict[str, List[Any]] = field(default_factory=dict)
     progress: bool = True
+    # what the app returns for sweepers (spm_train/bulk/objective.py): erasure_minus_drop, erasure,
+    # target_drop, preservation_drop (evaluated runs) or loss
+    objective: str = "erasure_minus_drop"
 
 
 def register() -> None:

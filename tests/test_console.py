@@ -18,8 +18,9 @@ def hydra_like_logging(tmp_path):
     """A root logger shaped like Hydra's job logging (console + file), restored afterwards."""
     import transformers.utils.logging as transformers_logging
 
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, logging.getLogger("transformers").propagate)
+    root, library = logging.getLogger(), logging.getLogger("transformers")
+    saved = (root.handlers[:], root.level, library.propagate, library.level)
+    library.setLevel(logging.WARNING)  # the suite's conftest may have raised it
     console_stream = io.StringIO()
     console = logging.StreamHandler(console_stream)
     logfile = logging.FileHandler(tmp_path / "job.log")
@@ -29,7 +30,7 @@ def hydra_like_logging(tmp_path):
     logfile.close()
     root.handlers[:], root.level = saved[0], saved[1]
     logging.captureWarnings(False)
-    logging.getLogger("transformers").propagate = saved[2]
+    library.propagate, library.level = saved[2], saved[3]
     transformers_logging.enable_default_handler()
 
 
