@@ -22,6 +22,9 @@ class ModelConfig:
     dtype: str = "float32"
     # when set, the loaded model must be of this family (sd1, sd2, sdxl)
     family: Optional[str] = None
+    # for model cards: the base's Hub id (its `base_model`) and license (membranes derive from the base)
+    hub_id: Optional[str] = None
+    license: Optional[str] = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -101,7 +102,8 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
                                         gates=gates)
             trainer_dict = membrane.trainer if membrane is not None else {}
             lineage = {
-                "base_model": model.get("source"), "base_fingerprint": fingerprint, "family": family,
+                "base_model": model.get("source"), "base_model_id": hub_id_of(model),
+                "base_license": model.get("license"), "base_fingerprint": fingerprint, "family": family,
                 "config_hash": r.key, "trainer_fingerprint": _trainer_fingerprint(trainer, r.point),
                 "code_version": code_version(), "seed": trainer_dict.get("seed", getattr(trainer, "seed", None)),
                 "sweep_point": dict(r.point), "sweep_point_id": r.point_id, "wandb_run_id": tracker.run_id,
@@ -123,6 +125,17 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         if version.new:  # logging known bytes again would move W&B's own `latest` back to an old version
             tracker.log_membrane(version, reg.blobs.url_of(version.sha256))
     base.close()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id_of(model: Mapping[str, Any]) -> str | None:
+    """The base model's Hugging Face Hub id: ``model.hub_id``, else a source that is one (not a folder here)."""
+    if model.get("hub_id"):
+        return str(model["hub_id"])
+    source = str(model.get("source") or "")
+    return source if _HUB_ID.fullmatch(source) and not os.path.exists(source) else None
 
 
 def registry_gates(cfg: Mapping[str, Any], concept: str) -> Gates:
