@@ -238,12 +238,25 @@ def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | Non
     ``sweep_label`` names this run's point of an outer sweep (a Hydra multirun job's overrides): it
     prefixes the sweep point of every result, so the summary, registry lineage and W&B tell them apart.
     """
+    from spm_train.tracking import open_tracker
+
     start = time.perf_counter()
     plan = plan_run(cfg)
     if sweep_label:
         _label_points(plan, sweep_label)
     run_dir = run_dir or cfg.paths.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    section = lambda name: OmegaConf.to_container(cfg[name], resolve=True)  # noqa: E731
+    # the W&B run opens once the config is valid, before training: losses stream into it as packs train
+    name = f"{cfg.concepts.name}-{os.path.basename(run_dir)}"
+    config = {k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")}
+    config["objective"] = cfg.objective
+    with open_tracker(section("tracking"), root=cfg.paths.root, name=name, config=config) as tracker:
+        return _run(cfg, plan, run_dir, tracker, start, task_options)
+
+
+def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
+         task_options: Callable[[Job], dict] | None) -> RunSummary:
     n_tasks = sum(len(j.tasks) for j in plan.jobs)
     logger.info("%d concept(s) x %d sweep point(s): %d to train in %d pack(s), %d already trained",
                 len(plan.concepts), max(1, len(_points(plan.sweep))), n_tasks, len(plan.jobs), len(plan.cached))
@@ -251,7 +264,7 @@ def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | Non
     if plan.jobs:
         connect(plan.cluster)
         results += run_jobs(plan.jobs, plan.model, plan.store, plan.cluster, progress=cfg.progress,
-                            task_options=task_options)
+                            task_options=task_options, on_rows=tracker.stream)
     results.sort(key=lambda r: (r.point_id, r.concept))
     # validate + register every membrane (same bytes -> same version), log the run to the tracker
     from spm_train.registry import publish_results
@@ -260,8 +273,7 @@ def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | Non
     published = publish_results(
         results, concepts=plan.concepts, trainer=plan.trainer, model=plan.model, family=plan.family,
         base_fingerprint=plan.base_fingerprint, registry=_registry_section(cfg), tracking=section("tracking"),
-        root=cfg.paths.root, run_dir=run_dir, run_name=f"{cfg.concepts.name}-{os.path.basename(run_dir)}",
-        run_config={k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")})
+        root=cfg.paths.root, run_dir=run_dir, tracker=tracker)
     logger.info("registry %s: %d new version(s) of %d; W&B run %s", published.registry, len(published.new),
                 len(published.versions), published.wandb_run_dir or "off")
     manifest = write_json(os.path.join(run_dir, "manifest.json"), {
@@ -272,12 +284,30 @@ def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | Non
         "publication": published.manifest_entry(),
     })
     report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
+    if report:
+        _log_report(tracker, os.path.dirname(report) if report.endswith(".md") else report)
     summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
                          registry=published.registry, wandb_run_dir=published.wandb_run_dir,
                          versions={k: v.ref for k, v in published.versions.items()}, report=report,
                          objective=cfg.objective, objective_value=_objective(cfg.objective, results, published))
     _write_summary(summary)
     return summary
+
+
+def _log_report(tracker, report_dir: str) -> None:
+    """The report's before/after grids as images and its metrics as a table, in the run's W&B run."""
+    import json
+
+    for metrics_file in sorted(glob.glob(os.path.join(report_dir, "**", "metrics.json"), recursive=True)):
+        point = os.path.relpath(os.path.dirname(metrics_file), report_dir)
+        suffix = "" if point == "." else f"/{point}"
+        grids = sorted(glob.glob(os.path.join(os.path.dirname(metrics_file), "grids", "*.png")))
+        tracker.log_images(f"eval/grids{suffix}", [(os.path.basename(g)[:-4], g) for g in grids])
+        with open(metrics_file) as fh:
+            rows = json.load(fh)
+        if rows:
+            columns = sorted({k for row in rows for k in row})
+            tracker.log_table(f"eval/metrics{suffix}", columns, [[row.get(c) for c in columns] for row in rows])
 
 
 def _label_points(plan: RunPlan, label: str) -> None:

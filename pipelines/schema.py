@@ -63,6 +63,8 @@ class TrackingConfig:
     tags: List[str] = field(default_factory=list)
     # W&B writes its runs to <dir>/wandb/ (offline: `wandb sync <dir>/wandb/offline-run-*`)
     dir: str = "${paths.root}"
+    # W&B's system metrics (CPU, memory, GPU) of the machine the job runs on, sampled while it runs
+    system_stats: bool = True
     # online only: link every logged membrane artifact into this registry collection
     # (e.g. "wandb-registry-model/membranes")
     registry_collection: Optional[str] = None

@@ -234,9 +234,14 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
+    labels = {t.concept.name: t.concept.name if not t.point else f"{t.concept.name}/{t.point_id}" for t in job.tasks}
+
     def report(step: int, rows: list[dict]) -> None:
         if board is not None:
-            board.update.remote(job.job_id, step, job.trainer.iterations, sum(r["loss"] for r in rows) / len(rows))
+            # data-parallel workers report the same averaged losses; rank 0's rows go to the tracker
+            rows_out = [{**r, "label": labels[r["concept"]]} for r in rows] if trainer.worker_rank == 0 else []
+            board.update.remote(job.job_id, step, job.trainer.iterations, sum(r["loss"] for r in rows) / len(rows),
+                                rows_out)
 
     started, start = time.time(), time.perf_counter()
     trainer = PackTrainer(pipe, job.concepts, job.trainer, checkpoint_dir=store.checkpoint_dir(job.job_id),
@@ -276,12 +281,18 @@ def _progress_board():
     class ProgressBoard:
         def __init__(self):
             self.jobs: dict[str, tuple[int, int, float]] = {}
+            self.rows: list[dict] = []  # per-concept loss rows not yet taken by the driver
 
-        def update(self, job_id: str, step: int, total: int, loss: float) -> None:
+        def update(self, job_id: str, step: int, total: int, loss: float, rows: list | None = None) -> None:
             self.jobs[job_id] = (step, total, loss)
+            self.rows += rows or []
 
         def snapshot(self) -> dict:
             return dict(self.jobs)
+
+        def take_rows(self) -> list[dict]:
+            rows, self.rows = self.rows, []
+            return rows
 
     return ProgressBoard.remote()
 
@@ -325,10 +336,12 @@ class _Bars:
 
 def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: ClusterOptions, *,
              progress: bool = True, task_options: Callable[[Job], dict] | None = None,
-             train_fn: Callable[..., list[dict]] | None = None) -> list[ConceptResult]:
+             train_fn: Callable[..., list[dict]] | None = None,
+             on_rows: Callable[[list[dict]], None] | None = None) -> list[ConceptResult]:
     """Submit every job, then gather results as they finish. Never raises for a failing concept.
 
-    ``train_fn`` replaces the pack trainer (the orchestration benchmark uses a no-op).
+    ``train_fn`` replaces the pack trainer (the orchestration benchmark uses a no-op). ``on_rows`` gets
+    the packs' per-concept loss rows (with a ``label``: concept, or concept/sweep point) while they train.
     """
     import ray
     from ray.exceptions import RayTaskError
@@ -362,8 +375,10 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             try:
                 bars.update(ray.get(board.snapshot.remote(), timeout=10))
+                if on_rows is not None:
+                    on_rows(ray.get(board.take_rows.remote(), timeout=10))
             except Exception:  # noqa: BLE001 - progress is best effort
-                pass
+                logger.debug("progress board unavailable", exc_info=True)
             for ref in done:
                 job = pending.pop(ref)
                 try:
@@ -382,6 +397,11 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
                     results += _failed(job, exc)
                 else:
                     results += [ConceptResult(**row) for row in rows]
+        if on_rows is not None:  # what the last packs reported after the final poll
+            try:
+                on_rows(ray.get(board.take_rows.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - progress is best effort
+                logger.debug("progress board unavailable", exc_info=True)
     return results
 
 

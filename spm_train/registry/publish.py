@@ -7,6 +7,7 @@ is reported (``new`` False).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -63,10 +64,16 @@ def code_version() -> str:
 def publish_results(results: Sequence, *, concepts: Sequence, trainer, model: Mapping[str, Any], family: str,
                     base_fingerprint: str, registry: Mapping[str, Any], tracking: Mapping[str, Any], root: str,
                     run_config: Mapping[str, Any] | None = None, run_dir: str | None = None,
-                    run_name: str | None = None) -> Publication:
-    """Log ``results`` (``ConceptResult``s) to the tracker and register their membranes."""
+                    run_name: str | None = None, tracker: NullTracker | None = None) -> Publication:
+    """Log ``results`` (``ConceptResult``s) to the tracker and register their membranes.
+
+    ``tracker``: a run the caller opened (the bulk job opens it before training, to stream losses) and
+    closes; without one, a run is opened from ``tracking`` here and finished at the end.
+    """
     publication = Publication()
-    with open_tracker(tracking, root=root, config=run_config, name=run_name) as tracker:
+    opened = contextlib.nullcontext(tracker) if tracker is not None else \
+        open_tracker(tracking, root=root, config=run_config, name=run_name)
+    with opened as tracker:
         publication.wandb_run_id, publication.wandb_run_dir = tracker.run_id, tracker.run_dir
         for r in results:
             tracker.log_history(f"{r.concept}/{r.point_id}" if r.point else r.concept, r.history)
