@@ -404,7 +404,7 @@ def objective_line(summary: RunSummary) -> str:
     objective = OBJECTIVES[summary.objective]
     value = "n/a (a concept failed or was not evaluated)" if math.isnan(summary.objective_value) \
         else f"{summary.objective_value:.4g}"
-    return f"objective {objective.name} ({objective.direction}; {objective.describe}): {value}"
+    return f"objective {objective.name} = {value} ({objective.direction}: {objective.describe})"
 
 
 def _write_summary(summary: RunSummary) -> None:
@@ -437,11 +437,12 @@ def print_summary(summary: RunSummary) -> None:
         wanted = console.measure(table, options=console.options.update_width(240)).maximum
         console = Console(width=max(console.width, wanted))
     console.print(table)
-    console.print(objective_line(summary))
-    console.print(f"manifest: {summary.manifest}")
-    console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}")
+    # soft_wrap: a line is never broken at the console's width, so a path stays one piece in a log
+    console.print(objective_line(summary), soft_wrap=True)
+    console.print(f"manifest: {summary.manifest}", soft_wrap=True)
+    console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}", soft_wrap=True)
     if summary.report:
-        console.print(f"report:   {summary.report}")
+        console.print(f"report:   {summary.report}", soft_wrap=True)
 
 
 FAILED_MARK = "FAILED"  # left in a multirun job's folder when the job failed

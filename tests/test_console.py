@@ -100,3 +100,4 @@ def test_the_summary_does_not_wrap_cells_outside_a_terminal(capsys):
     assert len(snoopy) == 1 and len(vangogh) == 1  # one line each: nothing folded onto a second line
     assert "0.000725" in snoopy[0] and "snoopy:v12" in snoopy[0] and " 3.0 " in snoopy[0]
     assert long_point in vangogh[0] and "loss is nan at step 3" in vangogh[0]
+    assert [line for line in lines if line.startswith("objective loss = n/a") and "(minimize: " in line]  # one line

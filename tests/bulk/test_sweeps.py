@@ -47,7 +47,7 @@ def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tm
     values, points = [], []
     for job in ("0", "1"):
         summary = (sweep_dir / job / "summary.md").read_text()
-        values.append(float(re.search(r"objective loss \(minimize.*\): (\S+)", summary).group(1)))
+        values.append(float(re.search(r"objective loss = (\S+) \(minimize", summary).group(1)))
         points += re.findall(r"\| cat \| (trainer\.lr=[0-9.e-]+) \|", summary)
     assert len(points) == 2 and points[0] != points[1]  # each job's row names its own sweep point
     assert best["best_value"] == pytest.approx(min(values), rel=1e-3)
