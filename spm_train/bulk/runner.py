@@ -72,7 +72,9 @@ def connect(options: ClusterOptions):
     check_reachable(options)
     target, source = _target(options)
     try:
-        ray.init(address=address, **kwargs)
+        # the resolved address, never "auto": Ray's own "auto" also joins any Ray it finds running here,
+        # including an instance another program started in-process
+        ray.init(address=target or address, **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same problem
         where = f"{target!r}{source}" if target else repr(address)
         raise ClusterError(f"cannot join the Ray cluster at {where}: {first_line(exc)}") from None
@@ -80,21 +82,34 @@ def connect(options: ClusterOptions):
 
 
 def _target(options: ClusterOptions) -> tuple[str | None, str]:
-    """The address Ray will join, and a note when it comes from ``RAY_ADDRESS`` rather than the config.
+    """The address to join, and a note when it does not come from the config itself; None: local.
 
-    None for a local instance, and for ``auto`` without ``RAY_ADDRESS`` (Ray finds the cluster). With
-    ``auto``, Ray joins the address in ``RAY_ADDRESS`` when there is one (users export it for job
-    submission), so that is the address to check.
+    ``auto`` means the address in ``RAY_ADDRESS`` when there is one (users export it for job submission;
+    a submitted job's driver gets it from Ray), else the cluster ``ray start`` started on this machine,
+    as recorded in Ray's temp folder. Nothing else: a Ray instance another program started in-process
+    is not a cluster to join (its owner holds its resources, and it ends with that program).
     """
     address = options.address
     if address in _LOCAL:
         return None, ""
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS", "").strip()
-        if address in ("", "auto", "local"):
-            return None, ""
-        return address, " (from RAY_ADDRESS, with cluster.address=auto)"
+        if address not in ("", "auto", "local"):
+            return address, " (from RAY_ADDRESS, with cluster.address=auto)"
+        started = _started_by_ray_start()
+        if not started:
+            raise ClusterError("cluster.address=auto: no Ray cluster was started with `ray start` on this machine "
+                               "(a Ray instance another program started in-process is not joined); run "
+                               "`ray start --head`, or name the cluster: cluster.address=host:6379 or RAY_ADDRESS")
+        return started, " (the cluster `ray start` started here, with cluster.address=auto)"
     return address, ""
+
+
+def _started_by_ray_start() -> str | None:
+    """The GCS address of the last cluster ``ray start`` started on this machine (only it records one)."""
+    from ray._private.utils import read_ray_address  # the file `ray start` writes, honouring RAY_TMPDIR
+
+    return read_ray_address() or None
 
 
 def check_reachable(options: ClusterOptions) -> None:
