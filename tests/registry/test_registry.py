@@ -301,3 +301,27 @@ def test_model_cards_carry_valid_hub_metadata_and_no_local_paths(tmp_path, membr
     assert card.data.base_model is None  # a local fine-tune has no Hub id to link
     assert card.data.license == "other" and card.data.license_name == "same as the base model"
     assert "| base model | my-finetune |" in card.text and local.sha256 in str(card)
+
+
+def test_equip_puts_named_versions_on_a_pipeline_and_takes_them_off(tmp_path, membrane_file, tiny_pipe):
+    import torch
+
+    reg = Registry.open(tmp_path / "reg")
+    v1 = reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=PASSED)
+    reg.promote(v1.ref, "production")
+    g = torch.Generator().manual_seed(0)
+    sample, states = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 16, 32, generator=g)
+
+    def unet_out():
+        with torch.no_grad():
+            return tiny_pipe.unet(sample, 10, encoder_hidden_states=states).sample
+
+    before = unet_out()
+    with reg.equip(tiny_pipe, "snoopy@production", transport=False):  # no prompt here to gate on
+        equipped = unet_out()
+    assert not torch.allclose(equipped, before)
+    assert torch.equal(unet_out(), before)  # taken off: the base exactly as it was
+    with pytest.raises(RegistryError, match="at least one membrane reference"):
+        reg.equip(tiny_pipe)
+    with pytest.raises(RegistryError):
+        reg.equip(tiny_pipe, "snoopy@nosuch")
