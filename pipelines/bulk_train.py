@@ -68,6 +68,7 @@ class RunSummary:
     report: str | None = None  # the evaluation report (report.md), when eval.enabled
     objective: str = "loss"  # the config's objective, and its value over this run (NaN: incomplete)
     objective_value: float = math.nan
+    sweep_label: str | None = None  # this run's point in a multirun (its overrides)
 
     @property
     def failed(self) -> list[ConceptResult]:
@@ -252,11 +253,11 @@ def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | Non
     config = {k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")}
     config["objective"] = cfg.objective
     with open_tracker(section("tracking"), root=cfg.paths.root, name=name, config=config) as tracker:
-        return _run(cfg, plan, run_dir, tracker, start, task_options)
+        return _run(cfg, plan, run_dir, tracker, start, task_options, sweep_label)
 
 
 def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
-         task_options: Callable[[Job], dict] | None) -> RunSummary:
+         task_options: Callable[[Job], dict] | None, sweep_label: str | None) -> RunSummary:
     n_tasks = sum(len(j.tasks) for j in plan.jobs)
     logger.info("%d concept(s) x %d sweep point(s): %d to train in %d pack(s), %d already trained",
                 len(plan.concepts), max(1, len(_points(plan.sweep))), n_tasks, len(plan.jobs), len(plan.cached))
@@ -289,7 +290,8 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
     summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
                          registry=published.registry, wandb_run_dir=published.wandb_run_dir,
                          versions={k: v.ref for k, v in published.versions.items()}, report=report,
-                         objective=cfg.objective, objective_value=_objective(cfg.objective, results, published))
+                         objective=cfg.objective, objective_value=_objective(cfg.objective, results, published),
+                         sweep_label=sweep_label)
     _write_summary(summary)
     return summary
 
@@ -416,6 +418,10 @@ def _write_summary(summary: RunSummary) -> None:
     with atomic_output(os.path.join(summary.run_dir, "summary.md")) as tmp:
         with open(tmp, "w") as fh:
             fh.write("\n".join(lines) + "\n")
+    value = None if math.isnan(summary.objective_value) else summary.objective_value
+    write_json(os.path.join(summary.run_dir, OBJECTIVE_FILE), {
+        "objective": summary.objective, "direction": OBJECTIVES[summary.objective].direction, "value": value,
+        "point": summary.sweep_label or "default", "results": len(summary.results), "failed": len(summary.failed)})
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -446,17 +452,52 @@ def print_summary(summary: RunSummary) -> None:
 
 
 FAILED_MARK = "FAILED"  # left in a multirun job's folder when the job failed
+OBJECTIVE_FILE = "objective.json"  # each run's objective, read back when its multirun ends
 
 
-class FailedJobs(Callback):
-    """Ends a multirun with exit status 1 when any of its jobs failed, after every job has run."""
+class SweepEnd(Callback):
+    """At the end of a multirun: one table comparing its jobs by their objective (``comparison.md`` in the
+    sweep folder), then exit status 1 when any job failed, after every job has run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        failed = sorted(glob.glob(os.path.join(str(config.hydra.sweep.dir), "*", FAILED_MARK)))
+        sweep_dir = str(config.hydra.sweep.dir)
+        if os.path.isdir(sweep_dir):
+            path = write_comparison(sweep_dir)
+            logger.info("the sweep's jobs compared: %s", path)
+        failed = sorted(glob.glob(os.path.join(sweep_dir, "*", FAILED_MARK)))
         if failed:
             logger.error("%d job(s) of this multirun failed: %s", len(failed),
                          ", ".join(os.path.dirname(f) for f in failed))
             sys.exit(1)
+
+
+def write_comparison(sweep_dir: str) -> str:
+    """``<sweep_dir>/comparison.md``: every job of a multirun, best objective first, failed jobs last."""
+    import json
+
+    from spm_train.io import atomic_output
+
+    rows, direction, name = [], "maximize", "objective"
+    for job_dir in sorted(glob.glob(os.path.join(sweep_dir, "*")), key=lambda d: (len(d), d)):
+        if os.path.isfile(os.path.join(job_dir, OBJECTIVE_FILE)):
+            with open(os.path.join(job_dir, OBJECTIVE_FILE)) as fh:
+                data = json.load(fh)
+            direction, name = data["direction"], data["objective"]
+            note = f"{data['failed']} of {data['results']} failed" if data["failed"] else ""
+            rows.append((os.path.basename(job_dir), data["point"], data["value"], note))
+        elif os.path.isfile(os.path.join(job_dir, FAILED_MARK)):
+            with open(os.path.join(job_dir, FAILED_MARK)) as fh:
+                rows.append((os.path.basename(job_dir), "-", None, "failed: " + fh.read().strip()[:200]))
+    sign = -1 if direction == "maximize" else 1
+    rows.sort(key=lambda r: (r[2] is None, sign * r[2] if r[2] is not None else 0))
+    lines = [f"# Sweep: jobs by {name} ({direction})", "", f"| job | sweep point | {name} | note |", "|---|---|---|---|"]
+    lines += [f"| {job} | {point} | {'n/a' if value is None else f'{value:.4g}'} | {note} |"
+              for job, point, value, note in rows]
+    path = os.path.join(sweep_dir, "comparison.md")
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return path
 
 
 def _mark_failed(reason: str) -> None:

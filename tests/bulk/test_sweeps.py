@@ -38,6 +38,26 @@ def test_a_bad_objective_or_a_sweep_it_cannot_rank_is_refused():
     assert check_objective("loss", evaluated=False, sweeping=True) == []
 
 
+def test_a_multirun_ends_with_its_jobs_compared_best_first_and_failures_last(tmp_path):
+    import json
+
+    from pipelines.bulk_train import FAILED_MARK, OBJECTIVE_FILE, write_comparison
+
+    for num, (point, value, failed) in enumerate([("trainer.lr=1e-4", 0.25, 0), ("trainer.lr=3e-4", 0.5, 0),
+                                                    ("trainer.lr=1e-2", None, 1)]):
+        (tmp_path / str(num)).mkdir()
+        (tmp_path / str(num) / OBJECTIVE_FILE).write_text(json.dumps(
+            {"objective": "erasure_minus_drop", "direction": "maximize", "value": value, "point": point,
+             "results": 3, "failed": failed}))
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / FAILED_MARK).write_text("invalid bulk run: lr must be > 0, got -1\n")
+    rows = open(write_comparison(str(tmp_path))).read().splitlines()
+    assert rows[0] == "# Sweep: jobs by erasure_minus_drop (maximize)"
+    assert rows[4].startswith("| 1 | trainer.lr=3e-4 | 0.5 |") and rows[5].startswith("| 0 | trainer.lr=1e-4 | 0.25 |")
+    assert rows[6] == "| 2 | trainer.lr=1e-2 | n/a | 1 of 3 failed |"
+    assert rows[7] == "| 3 | - | n/a | failed: invalid bulk run: lr must be > 0, got -1 |"
+
+
 def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tmp_path):
     run = _app("-m", "+experiment=optuna_smoke", f"paths.root={tmp_path}", "tracking=disabled", "progress=false")
     output = run.stdout + run.stderr
@@ -52,6 +72,9 @@ def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tm
     assert len(points) == 2 and points[0] != points[1]  # each job's row names its own sweep point
     assert best["best_value"] == pytest.approx(min(values), rel=1e-3)
     assert f"trainer.lr={best['best_params']['trainer.lr']}" in points
+    table = (sweep_dir / "comparison.md").read_text().splitlines()  # the jobs compared, best first
+    assert table[0] == "# Sweep: jobs by loss (minimize)"
+    assert f"| trainer.lr={best['best_params']['trainer.lr']} |" in table[4]
     # the console: our progress, summaries and paths; library notices went to the jobs' log files
     for noise in ("torchvision", "FutureWarning", "torch_dtype", "kept in float32", "Loading pipeline components",
                   "Started a local Ray instance", "setup plugin", "Token authentication"):
