@@ -77,7 +77,7 @@ def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tm
     assert f"| trainer.lr={best['best_params']['trainer.lr']} |" in table[4]
     # the console: our progress, summaries and paths; library notices went to the jobs' log files
     for noise in ("torchvision", "FutureWarning", "torch_dtype", "kept in float32", "Loading pipeline components",
-                  "Started a local Ray instance", "setup plugin", "Token authentication"):
+                  "Started a local Ray instance", "setup plugin", "Token authentication", "A new study created"):
         assert noise not in output, noise
 
 
