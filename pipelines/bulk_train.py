@@ -459,6 +459,14 @@ class SweepEnd(Callback):
     """At the end of a multirun: one table comparing its jobs by their objective (``comparison.md`` in the
     sweep folder), then exit status 1 when any job failed, after every job has run."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            import optuna
+
+            # imported before the sweeper loads it, so Optuna keeps this level: its study notices repeat
+            # what Hydra's sweeper logs
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = str(config.hydra.sweep.dir)
         if os.path.isdir(sweep_dir):
