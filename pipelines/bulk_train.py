@@ -520,8 +520,12 @@ def _job_label() -> str:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Returns the run's objective (``objective=...``), which sweepers such as Optuna compare."""
+def main(cfg: DictConfig) -> float | None:
+    """Returns the run's objective (``objective=...``), which sweepers such as Optuna compare.
+
+    None for a failed or incomplete run: Optuna's sweeper records that trial as failed and goes on (a NaN
+    would stop the whole study: its sweeper reports the rejected value back in a way Optuna refuses).
+    """
     quiet_console()
     # in a multirun (-m) a failed job is logged and marked, and the sweep goes on to the next one
     multirun = _multirun()
@@ -532,7 +536,7 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             sys.exit(2)
         _mark_failed(str(exc))
-        return math.nan
+        return None
     except KeyboardInterrupt:
         logger.error("interrupted; the same command resumes: finished concepts are cached, packs restart "
                      "from their last checkpoint")
@@ -543,7 +547,7 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             sys.exit(1)
         _mark_failed(f"{len(summary.failed)} concept(s) failed")
-    return summary.objective_value
+    return None if math.isnan(summary.objective_value) else summary.objective_value
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 A sweeper compares runs by the value their app returns. The objective is named in the config
 (``objective=...``) and computed over every concept and sweep point of the run from what the run
 measured: final training losses, and the evaluation metrics the registry's validation recorded.
-A run with a failed concept, or without the metric the objective needs, gives NaN: a sweeper then
-records the trial as failed instead of ranking an incomplete run.
+A run with a failed concept, or without the metric the objective needs, gives NaN (the app then returns
+nothing, which a sweeper records as a failed trial) instead of ranking an incomplete run.
 """
 
 from __future__ import annotations
