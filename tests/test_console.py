@@ -21,6 +21,9 @@ def hydra_like_logging(tmp_path):
     root, library = logging.getLogger(), logging.getLogger("transformers")
     saved = (root.handlers[:], root.level, library.propagate, library.level)
     library.setLevel(logging.WARNING)  # the suite's conftest may have raised it
+    # an earlier test's app may have captured warnings already, into the warnings state pytest then
+    # replaced for this test; start from an uncaptured state as a fresh process does
+    logging.captureWarnings(False)
     console_stream = io.StringIO()
     console = logging.StreamHandler(console_stream)
     logfile = logging.FileHandler(tmp_path / "job.log")
