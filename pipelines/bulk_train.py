@@ -493,9 +493,11 @@ def write_comparison(sweep_dir: str) -> str:
             direction, name = data["direction"], data["objective"]
             note = f"{data['failed']} of {data['results']} failed" if data["failed"] else ""
             rows.append((os.path.basename(job_dir), data["point"], data["value"], note))
-        elif os.path.isfile(os.path.join(job_dir, FAILED_MARK)):
+        elif os.path.isfile(os.path.join(job_dir, FAILED_MARK)):  # failed before it had a summary
             with open(os.path.join(job_dir, FAILED_MARK)) as fh:
-                rows.append((os.path.basename(job_dir), "-", None, "failed: " + fh.read().strip()[:200]))
+                point, _, reason = fh.read().strip().partition("\n")
+            rows.append((os.path.basename(job_dir), point or "-", None,
+                         "failed: " + " ".join(reason.split())[:200]))  # one table row, even for a long error
     sign = -1 if direction == "maximize" else 1
     rows.sort(key=lambda r: (r[2] is None, sign * r[2] if r[2] is not None else 0))
     lines = [f"# Sweep: jobs by {name} ({direction})", "", f"| job | sweep point | {name} | note |", "|---|---|---|---|"]
@@ -509,8 +511,9 @@ def write_comparison(sweep_dir: str) -> str:
 
 
 def _mark_failed(reason: str) -> None:
+    """The FAILED mark: the job's sweep point on its first line, then why it failed."""
     with open(os.path.join(HydraConfig.get().runtime.output_dir, FAILED_MARK), "w") as fh:
-        fh.write(reason + "\n")
+        fh.write(f"{_job_label()}\n{reason}\n")
 
 
 def _job_label() -> str:

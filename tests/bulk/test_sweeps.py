@@ -50,12 +50,12 @@ def test_a_multirun_ends_with_its_jobs_compared_best_first_and_failures_last(tmp
             {"objective": "erasure_minus_drop", "direction": "maximize", "value": value, "point": point,
              "results": 3, "failed": failed}))
     (tmp_path / "3").mkdir()
-    (tmp_path / "3" / FAILED_MARK).write_text("invalid bulk run: lr must be > 0, got -1\n")
+    (tmp_path / "3" / FAILED_MARK).write_text("trainer.lr=-1\ninvalid bulk run: lr must be > 0, got -1\n")
     rows = open(write_comparison(str(tmp_path))).read().splitlines()
     assert rows[0] == "# Sweep: jobs by erasure_minus_drop (maximize)"
     assert rows[4].startswith("| 1 | trainer.lr=3e-4 | 0.5 |") and rows[5].startswith("| 0 | trainer.lr=1e-4 | 0.25 |")
     assert rows[6] == "| 2 | trainer.lr=1e-2 | n/a | 1 of 3 failed |"
-    assert rows[7] == "| 3 | - | n/a | failed: invalid bulk run: lr must be > 0, got -1 |"
+    assert rows[7] == "| 3 | trainer.lr=-1 | n/a | failed: invalid bulk run: lr must be > 0, got -1 |"
 
 
 def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tmp_path):
