@@ -24,6 +24,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.console import quiet_console
 from pipelines.schema import ModelConfig
 from spm_train.config import TrainerConfig
 
@@ -170,6 +171,8 @@ def noop_pack(job, model, store_root, board=None) -> list[dict]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     from spm_train.errors import ConfigError, SPMError
+
+    quiet_console()
 
     modes = {"training": training_benchmark, "orchestration": orchestration_benchmark, "flops": flops_benchmark}
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import sys
 import time
@@ -24,7 +25,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.console import quiet_console
+from pipelines.help import register_help
 from pipelines.schema import register
+from spm_train.bulk.objective import OBJECTIVES, check_objective, objective_value
 from spm_train.bulk.plan import Job, expand, pack
 from spm_train.bulk.runner import ClusterOptions, check_reachable, connect, run_jobs
 from spm_train.bulk.store import ConceptResult, ResultStore, write_json
@@ -34,6 +38,7 @@ from spm_train.errors import ConfigError, SPMError
 logger = logging.getLogger("pipelines.bulk_train")
 
 register()
+register_help()
 
 
 @dataclass
@@ -61,6 +66,9 @@ class RunSummary:
     wandb_run_dir: str | None = None  # the W&B run folder, when tracking is on
     versions: dict[str, str] = field(default_factory=dict)  # result key -> "concept:vN"
     report: str | None = None  # the evaluation report (report.md), when eval.enabled
+    objective: str = "loss"  # the config's objective, and its value over this run (NaN: incomplete)
+    objective_value: float = math.nan
+    sweep_label: str | None = None  # this run's point in a multirun (its overrides)
 
     @property
     def failed(self) -> list[ConceptResult]:
@@ -205,6 +213,8 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
         problems += check_eval_config(cfg, concepts)
         if cfg.registry.enabled:
             problems += check_registry_config(_registry_section(cfg), [c.name for c in concepts])
+    evaluated = bool(cfg.registry.enabled and _registry_section(cfg).get("evaluator"))
+    problems += check_objective(cfg.objective, evaluated=evaluated, sweeping=_multirun())
     return problems
 
 
@@ -222,13 +232,32 @@ def _writable(folder: str) -> bool:
 # -- the job -----------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig, *, run_dir: str | None = None,
+def train(cfg: DictConfig, *, run_dir: str | None = None, sweep_label: str | None = None,
           task_options: Callable[[Job], dict] | None = None) -> RunSummary:
-    """Plan, schedule, gather, summarise. ``task_options`` adds Ray options per job (tests pin nodes)."""
+    """Plan, schedule, gather, summarise. ``task_options`` adds Ray options per job (tests pin nodes).
+
+    ``sweep_label`` names this run's point of an outer sweep (a Hydra multirun job's overrides): it
+    prefixes the sweep point of every result, so the summary, registry lineage and W&B tell them apart.
+    """
+    from spm_train.tracking import open_tracker
+
     start = time.perf_counter()
     plan = plan_run(cfg)
+    if sweep_label:
+        _label_points(plan, sweep_label)
     run_dir = run_dir or cfg.paths.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    section = lambda name: OmegaConf.to_container(cfg[name], resolve=True)  # noqa: E731
+    # the W&B run opens once the config is valid, before training: losses stream into it as packs train
+    name = f"{cfg.concepts.name}-{os.path.basename(run_dir)}"
+    config = {k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")}
+    config["objective"] = cfg.objective
+    with open_tracker(section("tracking"), root=cfg.paths.root, name=name, config=config) as tracker:
+        return _run(cfg, plan, run_dir, tracker, start, task_options, sweep_label)
+
+
+def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
+         task_options: Callable[[Job], dict] | None, sweep_label: str | None) -> RunSummary:
     n_tasks = sum(len(j.tasks) for j in plan.jobs)
     logger.info("%d concept(s) x %d sweep point(s): %d to train in %d pack(s), %d already trained",
                 len(plan.concepts), max(1, len(_points(plan.sweep))), n_tasks, len(plan.jobs), len(plan.cached))
@@ -236,7 +265,7 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
     if plan.jobs:
         connect(plan.cluster)
         results += run_jobs(plan.jobs, plan.model, plan.store, plan.cluster, progress=cfg.progress,
-                            task_options=task_options)
+                            task_options=task_options, on_rows=tracker.stream)
     results.sort(key=lambda r: (r.point_id, r.concept))
     # validate + register every membrane (same bytes -> same version), log the run to the tracker
     from spm_train.registry import publish_results
@@ -245,8 +274,7 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
     published = publish_results(
         results, concepts=plan.concepts, trainer=plan.trainer, model=plan.model, family=plan.family,
         base_fingerprint=plan.base_fingerprint, registry=_registry_section(cfg), tracking=section("tracking"),
-        root=cfg.paths.root, run_dir=run_dir, run_name=f"{cfg.concepts.name}-{os.path.basename(run_dir)}",
-        run_config={k: section(k) for k in ("model", "concepts", "trainer", "cluster", "sweep", "eval")})
+        root=cfg.paths.root, run_dir=run_dir, tracker=tracker)
     logger.info("registry %s: %d new version(s) of %d; W&B run %s", published.registry, len(published.new),
                 len(published.versions), published.wandb_run_dir or "off")
     manifest = write_json(os.path.join(run_dir, "manifest.json"), {
@@ -257,11 +285,56 @@ def train(cfg: DictConfig, *, run_dir: str | None = None,
         "publication": published.manifest_entry(),
     })
     report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
+    if report:
+        _log_report(tracker, os.path.dirname(report) if report.endswith(".md") else report)
     summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
                          registry=published.registry, wandb_run_dir=published.wandb_run_dir,
-                         versions={k: v.ref for k, v in published.versions.items()}, report=report)
+                         versions={k: v.ref for k, v in published.versions.items()}, report=report,
+                         objective=cfg.objective, objective_value=_objective(cfg.objective, results, published),
+                         sweep_label=sweep_label)
     _write_summary(summary)
     return summary
+
+
+def _log_report(tracker, report_dir: str) -> None:
+    """The report's before/after grids as images and its metrics as a table, in the run's W&B run."""
+    import json
+
+    for metrics_file in sorted(glob.glob(os.path.join(report_dir, "**", "metrics.json"), recursive=True)):
+        point = os.path.relpath(os.path.dirname(metrics_file), report_dir)
+        suffix = "" if point == "." else f"/{point}"
+        grids = sorted(glob.glob(os.path.join(os.path.dirname(metrics_file), "grids", "*.png")))
+        tracker.log_images(f"eval/grids{suffix}", [(os.path.basename(g)[:-4], g) for g in grids])
+        with open(metrics_file) as fh:
+            rows = json.load(fh)
+        if rows:
+            columns = sorted({k for row in rows for k in row})
+            tracker.log_table(f"eval/metrics{suffix}", columns, [[row.get(c) for c in columns] for row in rows])
+
+
+def _label_points(plan: RunPlan, label: str) -> None:
+    """Prefix every sweep point of ``plan`` with ``label`` (labels only: result keys are unchanged)."""
+    for task in [t for job in plan.jobs for t in job.tasks]:
+        task.point_id = label if task.point_id == "default" else f"{label},{task.point_id}"
+    for result in plan.cached:
+        result.point_id = label if result.point_id == "default" else f"{label},{result.point_id}"
+
+
+def _objective(name: str, results: list[ConceptResult], published) -> float:
+    """The config's objective over the run, from final losses and the registry validation's metrics."""
+    rows = []
+    for r in results:
+        if r.status == "failed":
+            rows.append(None)
+            continue
+        version = published.versions.get(r.key)
+        recorded = (version.validation or {}).get("metrics", {}) if version is not None else {}
+        rows.append({"loss": r.loss, "erase": r.erase, "anchor": r.anchor, **recorded, **r.metrics})
+    return objective_value(name, rows)
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _registry_section(cfg: DictConfig) -> dict:
@@ -317,73 +390,156 @@ def summary_rows(summary: RunSummary) -> list[list[str]]:
     rows = []
     for r in summary.results:
         where = summary.versions.get(r.key) or r.key[:12]
+        cost = "-" if r.status == "failed" else f"{r.cost_seconds:.1f}"
         rows.append([r.concept, r.point_id, r.status, _fmt(r.loss), _fmt(r.erase), _fmt(r.anchor),
-                     r.error if r.error else where, f"{r.seconds:.1f}s"])
+                     r.error if r.error else where, cost])
     return rows
 
 
-# membrane paths are in manifest.json; the table names the registry version (or the result key)
-HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "version / error", "wall"]
+# membrane paths are in manifest.json; the table names the registry version (or the result key).
+# "s / concept": the training pack's wall time over the concepts it trained together (a cached row shows
+# what it cost when it was trained)
+HEADER = ["concept", "sweep point", "status", "loss", "erase", "anchor", "version / error", "s / concept"]
+
+
+def objective_line(summary: RunSummary) -> str:
+    objective = OBJECTIVES[summary.objective]
+    value = "n/a (a concept failed or was not evaluated)" if math.isnan(summary.objective_value) \
+        else f"{summary.objective_value:.4g}"
+    return f"objective {objective.name} = {value} ({objective.direction}: {objective.describe})"
 
 
 def _write_summary(summary: RunSummary) -> None:
+    from spm_train.io import atomic_output
+
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(summary)]
-    path = os.path.join(summary.run_dir, "summary.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    lines += ["", objective_line(summary)]
+    with atomic_output(os.path.join(summary.run_dir, "summary.md")) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    value = None if math.isnan(summary.objective_value) else summary.objective_value
+    write_json(os.path.join(summary.run_dir, OBJECTIVE_FILE), {
+        "objective": summary.objective, "direction": OBJECTIVES[summary.objective].direction, "value": value,
+        "point": summary.sweep_label or "default", "results": len(summary.results), "failed": len(summary.failed)})
 
 
 def print_summary(summary: RunSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"bulk run: {len(summary.results)} result(s), {len(summary.failed)} failed, "
+    table = Table(title_justify="left", title=f"bulk run: {len(summary.results)} result(s), {len(summary.failed)} failed, "
                         f"{summary.seconds:.0f}s")
     for name in HEADER:
-        table.add_column(name, overflow="fold")
+        # only an error message may wrap: a number or a name cut in two reads as two values
+        table.add_column(name, no_wrap=name != "version / error", overflow="fold")
     styles = {"failed": "red", "cached": "dim", "trained": "green"}
     for r, row in zip(summary.results, summary_rows(summary)):
         table.add_row(*row, style=styles.get(r.status))
     console = Console()
+    if not console.is_terminal:
+        # a log file or a pipe has no width: rich assumes 80 columns and would wrap the cells
+        # (an error message longer than that still folds inside its own cell)
+        wanted = console.measure(table, options=console.options.update_width(240)).maximum
+        console = Console(width=max(console.width, wanted))
     console.print(table)
-    console.print(f"manifest: {summary.manifest}")
-    console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}")
+    # soft_wrap: a line is never broken at the console's width, so a path stays one piece in a log
+    console.print(objective_line(summary), soft_wrap=True)
+    console.print(f"manifest: {summary.manifest}", soft_wrap=True)
+    console.print(f"summary:  {os.path.join(summary.run_dir, 'summary.md')}", soft_wrap=True)
     if summary.report:
-        console.print(f"report:   {summary.report}")
+        console.print(f"report:   {summary.report}", soft_wrap=True)
 
 
 FAILED_MARK = "FAILED"  # left in a multirun job's folder when the job failed
+OBJECTIVE_FILE = "objective.json"  # each run's objective, read back when its multirun ends
 
 
-class FailedJobs(Callback):
-    """Ends a multirun with exit status 1 when any of its jobs failed, after every job has run."""
+class SweepEnd(Callback):
+    """At the end of a multirun: one table comparing its jobs by their objective (``comparison.md`` in the
+    sweep folder), then exit status 1 when any job failed, after every job has run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            import optuna
+
+            # imported before the sweeper loads it, so Optuna keeps this level: its study notices repeat
+            # what Hydra's sweeper logs
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        failed = sorted(glob.glob(os.path.join(str(config.hydra.sweep.dir), "*", FAILED_MARK)))
+        sweep_dir = str(config.hydra.sweep.dir)
+        if os.path.isdir(sweep_dir):
+            path = write_comparison(sweep_dir)
+            logger.info("the sweep's jobs compared: %s", path)
+        failed = sorted(glob.glob(os.path.join(sweep_dir, "*", FAILED_MARK)))
         if failed:
             logger.error("%d job(s) of this multirun failed: %s", len(failed),
                          ", ".join(os.path.dirname(f) for f in failed))
             sys.exit(1)
 
 
+def write_comparison(sweep_dir: str) -> str:
+    """``<sweep_dir>/comparison.md``: every job of a multirun, best objective first, failed jobs last."""
+    import json
+
+    from spm_train.io import atomic_output
+
+    rows, direction, name = [], "maximize", "objective"
+    for job_dir in sorted(glob.glob(os.path.join(sweep_dir, "*")), key=lambda d: (len(d), d)):
+        if os.path.isfile(os.path.join(job_dir, OBJECTIVE_FILE)):
+            with open(os.path.join(job_dir, OBJECTIVE_FILE)) as fh:
+                data = json.load(fh)
+            direction, name = data["direction"], data["objective"]
+            note = f"{data['failed']} of {data['results']} failed" if data["failed"] else ""
+            rows.append((os.path.basename(job_dir), data["point"], data["value"], note))
+        elif os.path.isfile(os.path.join(job_dir, FAILED_MARK)):  # failed before it had a summary
+            with open(os.path.join(job_dir, FAILED_MARK)) as fh:
+                point, _, reason = fh.read().strip().partition("\n")
+            rows.append((os.path.basename(job_dir), point or "-", None,
+                         "failed: " + " ".join(reason.split())[:200]))  # one table row, even for a long error
+    sign = -1 if direction == "maximize" else 1
+    rows.sort(key=lambda r: (r[2] is None, sign * r[2] if r[2] is not None else 0))
+    lines = [f"# Sweep: jobs by {name} ({direction})", "", f"| job | sweep point | {name} | note |", "|---|---|---|---|"]
+    lines += [f"| {job} | {point} | {'n/a' if value is None else f'{value:.4g}'} | {note} |"
+              for job, point, value, note in rows]
+    path = os.path.join(sweep_dir, "comparison.md")
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return path
+
+
 def _mark_failed(reason: str) -> None:
+    """The FAILED mark: the job's sweep point on its first line, then why it failed."""
     with open(os.path.join(HydraConfig.get().runtime.output_dir, FAILED_MARK), "w") as fh:
-        fh.write(reason + "\n")
+        fh.write(f"{_job_label()}\n{reason}\n")
+
+
+def _job_label() -> str:
+    """A multirun job's name: its overrides as Hydra writes them (hydra.job.override_dirname)."""
+    job = HydraConfig.get().job
+    return (job.override_dirname or f"job{job.num}").replace("/", "_")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the run's objective (``objective=...``), which sweepers such as Optuna compare.
+
+    None for a failed or incomplete run: Optuna's sweeper records that trial as failed and goes on (a NaN
+    would stop the whole study: its sweeper reports the rejected value back in a way Optuna refuses).
+    """
+    quiet_console()
     # in a multirun (-m) a failed job is logged and marked, and the sweep goes on to the next one
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    multirun = _multirun()
     try:
-        summary = train(cfg)
+        summary = train(cfg, sweep_label=_job_label() if multirun else None)
     except SPMError as exc:
         logger.error("%s", exc)
         if not multirun:
             sys.exit(2)
         _mark_failed(str(exc))
-        return
+        return None
     except KeyboardInterrupt:
         logger.error("interrupted; the same command resumes: finished concepts are cached, packs restart "
                      "from their last checkpoint")
@@ -394,6 +550,7 @@ def main(cfg: DictConfig) -> None:
         if not multirun:
             sys.exit(1)
         _mark_failed(f"{len(summary.failed)} concept(s) failed")
+    return None if math.isnan(summary.objective_value) else summary.objective_value
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.console import quiet_console
 from pipelines.schema import BulkTrainConfig, register
 from spm_train.config import ConceptSpec, TrainerConfig
 from spm_train.errors import ConfigError, SPMError
@@ -205,6 +206,8 @@ def run(cfg: DictConfig, out_dir: str) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    quiet_console(("transformers", "diffusers"))
 
     try:
         path = run(cfg, HydraConfig.get().runtime.output_dir)

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.console import quiet_console
 from pipelines.schema import ModelConfig, PathsConfig, RegistryConfig, register
 from spm_train.errors import SPMError
 
@@ -153,6 +154,7 @@ def _grid(originals, edited):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    quiet_console(("transformers", "diffusers"))
     try:
         result = generate(cfg)
     except SPMError as exc:  # one line, exit code 2 (as the registry CLI)

@@ -22,6 +22,9 @@ class ModelConfig:
     dtype: str = "float32"
     # when set, the loaded model must be of this family (sd1, sd2, sdxl)
     family: Optional[str] = None
+    # for model cards: the base's Hub id (its `base_model`) and license (membranes derive from the base)
+    hub_id: Optional[str] = None
+    license: Optional[str] = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class TrackingConfig:
     tags: List[str] = field(default_factory=list)
     # W&B writes its runs to <dir>/wandb/ (offline: `wandb sync <dir>/wandb/offline-run-*`)
     dir: str = "${paths.root}"
+    # W&B's system metrics (CPU, memory, GPU) of the machine the job runs on, sampled while it runs
+    system_stats: bool = True
     # online only: link every logged membrane artifact into this registry collection
     # (e.g. "wandb-registry-model/membranes")
     registry_collection: Optional[str] = None
@@ -113,7 +118,8 @@ class EvalConfig:
 class PathsConfig:
     root: str = "${oc.env:SPM_HOME,runs}"
     store: str = "${paths.root}/store"
-    run_dir: str = "${hydra:runtime.output_dir}"
+    # Optional: `--cfg job --resolve` prints the config outside a run, where Hydra has no output dir
+    run_dir: Optional[str] = "${hydra:runtime.output_dir}"
 
 
 @dataclass
@@ -129,6 +135,9 @@ class BulkTrainConfig:
     # trainer field -> values; the cartesian product runs concurrently as one bulk run
     sweep: Dict[str, List[Any]] = field(default_factory=dict)
     progress: bool = True
+    # what the app returns for sweepers (spm_train/bulk/objective.py): erasure_minus_drop, erasure,
+    # target_drop, preservation_drop (evaluated runs) or loss
+    objective: str = "erasure_minus_drop"
 
 
 def register() -> None:

@@ -256,7 +256,9 @@ def with_unet_dtype(pipe, dtype: torch.dtype):
     """The same pipeline with a copy of its UNet in ``dtype`` (the other components are shared)."""
     import copy
 
-    unet = copy.deepcopy(pipe.unet).to(dtype)
+    from .architectures import cast
+
+    unet = cast(copy.deepcopy(pipe.unet), dtype)
     return type(pipe)(**{**pipe.components, "unet": unet})
 
 

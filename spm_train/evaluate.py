@@ -181,8 +181,10 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
     first = list(range(0, len(flat), settings.samples_per_prompt))
     result["images"] = (prompts, before[first], after[first])
     evaluation = ConceptEvaluation(**result)
+    drop = evaluation.preservation_drop
     logger.info("evaluated %s with %s (transport %s): erasure %.2f, preservation drop %s", concept.name,
-                evaluation.membranes, settings.transport, evaluation.erasure_rate, evaluation.preservation_drop)
+                evaluation.membranes, settings.transport, evaluation.erasure_rate,
+                "-" if drop is None else f"{drop:.2f}")
     return evaluation
 
 

@@ -9,6 +9,7 @@ Supported families (the structure decides, not the name on the folder):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from .prompts import function_token_ids
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+_SAFETY_CHECKER_NOTED: set[str] = set()
 
 
 @dataclass
@@ -92,24 +94,50 @@ def load_pipeline(path: str, *, torch_dtype: torch.dtype | None = None, device: 
     local = os.path.isdir(path)
     if not local and path.startswith((".", "/", "~")):  # a hub id never starts so
         raise ModelLoadError(f"base model folder {path!r} does not exist")
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    # diffusers >= 0.42 names it ``dtype``; ``torch_dtype`` still works there but warns
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if local:
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ModelLoadError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
         kwargs["local_files_only"] = True
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        with _no_loading_bars():
+            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except Exception as exc:
         reason = first_line(exc)
         where = "local folder" if local else "hub id (the hub may be unreachable from here)"
         raise ModelLoadError(f"could not load base model {path!r} as a {where}: {reason}") from None
-    if hasattr(pipe, "safety_checker"):
+    if getattr(pipe, "safety_checker", None) is not None:
+        # membranes are judged on what the UNet draws; a checker that blacks out images would hide it
+        if path not in _SAFETY_CHECKER_NOTED:  # once per model and process: a run loads its base often
+            _SAFETY_CHECKER_NOTED.add(path)
+            logger.info("%s: its safety checker is turned off (pipe.safety_checker = None)", path)
         pipe.safety_checker = None
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     detect_family(pipe)
     return pipe
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Hide diffusers' and transformers' per-component loading bars while a base model loads.
+
+    A run loads its base several times (driver, workers, evaluation); the bars say nothing a log line
+    does not, and they interleave with the run's own progress. The previous setting is restored.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in enabled:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in enabled:
+            module.enable_progress_bar()
 
 
 def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 2048) -> str:
@@ -239,13 +267,13 @@ def load_base_model(source: str, *, dtype: str = "float32", device: str | torch.
         raise ModelLoadError(f"unknown dtype {dtype!r}; supported: {sorted(TORCH_DTYPES)}")
     torch_dtype = TORCH_DTYPES[dtype]
     if source.startswith(("random:", "arch:")):
-        from .architectures import full_pipeline, tiny_pipeline
+        from .architectures import cast_pipeline, full_pipeline, tiny_pipeline
 
         kind, name = source.split(":", 1)
         if kind == "arch":  # initialised where it will run: random init of a full UNet is slow on a CPU
             pipe = full_pipeline(name, device=device or "cpu", dtype=torch_dtype)
         else:
-            pipe = tiny_pipeline(name).to(torch_dtype)
+            pipe = cast_pipeline(tiny_pipeline(name), torch_dtype)
         pipe.set_progress_bar_config(disable=True)
     elif source in ("toyworld", "toyworld:base", "toyworld:variant"):
         from . import toyworld

@@ -35,6 +35,12 @@ class NullTracker:
     def log_history(self, concept: str, history: Sequence[Mapping[str, Any]], prefix: str = "") -> int:
         return 0
 
+    def stream(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        pass
+
+    def log_images(self, name: str, images: Sequence[tuple[str, str]]) -> None:
+        pass
+
     def log_metrics(self, metrics: Mapping[str, float], prefix: str = "") -> None:
         pass
 
@@ -52,6 +58,8 @@ class WandbTracker(NullTracker):
 
     def __init__(self, run, registry_collection: str | None = None):
         self.run = run
+        self.streamed: set[str] = set()  # curves logged live while training: not logged again at the end
+        self._defined: set[tuple[str, str]] = set()
         self.run_id = run.id
         self.run_dir = os.path.dirname(run.dir)  # .../wandb/offline-run-<time>-<id>
         self.registry_collection = registry_collection
@@ -61,19 +69,41 @@ class WandbTracker(NullTracker):
         self.run.config.update(dict(config), allow_val_change=True)
 
     def log_history(self, concept: str, history: Sequence[Mapping[str, Any]], prefix: str = "train") -> int:
-        step_key = f"{prefix}/{concept}/step"
-        self.run.define_metric(step_key, hidden=True)
-        self.run.define_metric(f"{prefix}/{concept}/*", step_metric=step_key)
+        """A finished concept's loss curve; skipped when it was streamed while it trained."""
+        if concept in self.streamed:
+            return 0
         n = 0
         for row in history:
-            values = {f"{prefix}/{concept}/{k}": float(row[k]) for k in LOSS_KEYS
-                      if isinstance(row.get(k), (int, float)) and math.isfinite(float(row[k]))}
-            if not values:
-                continue
-            values[step_key] = int(row.get("step", n))
-            self.run.log(values)
-            n += 1
+            n += self._log_row(concept, row, prefix, n)
         return n
+
+    def stream(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Log training rows as packs report them (``label``: the concept, with its sweep point if any)."""
+        for row in rows:
+            label = row["label"]
+            self._log_row(label, row, "train", 0)
+            self.streamed.add(label)
+
+    def _log_row(self, concept: str, row: Mapping[str, Any], prefix: str, n: int) -> int:
+        # one panel section per concept, each against its own step: packs run side by side at their own pace
+        step_key = f"{prefix}/{concept}/step"
+        if (prefix, concept) not in self._defined:
+            self.run.define_metric(step_key, hidden=True)
+            self.run.define_metric(f"{prefix}/{concept}/*", step_metric=step_key)
+            self._defined.add((prefix, concept))
+        values = {f"{prefix}/{concept}/{k}": float(row[k]) for k in LOSS_KEYS
+                  if isinstance(row.get(k), (int, float)) and math.isfinite(float(row[k]))}
+        if not values:
+            return 0
+        values[step_key] = int(row.get("step", n))
+        self.run.log(values)
+        return 1
+
+    def log_images(self, name: str, images: Sequence[tuple[str, str]]) -> None:
+        """PNG files as ``wandb.Image``s under ``name``: (caption, path) each."""
+        import wandb
+
+        self.run.log({name: [wandb.Image(path, caption=caption) for caption, path in images]})
 
     def log_metrics(self, metrics: Mapping[str, float], prefix: str = "") -> None:
         """Final numbers go to the run summary (one value each), not to the step history."""
@@ -168,7 +198,8 @@ def open_tracker(tracking: Mapping[str, Any], *, root: str, config: Mapping[str,
     run = wandb.init(project=tracking.get("project", "spm-membranes"), entity=tracking.get("entity"),
                      tags=list(tracking.get("tags") or []), config=dict(config or {}), name=name,
                      job_type=job_type, dir=directory, mode=mode, reinit="create_new",
-                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+                     settings=wandb.Settings(silent=True, console="off",
+                                             x_disable_stats=not tracking.get("system_stats", True)))
     tracker = WandbTracker(run, tracking.get("registry_collection"))
     logger.info("W&B run %s (%s) writing to %s", run.id, mode, tracker.run_dir)
     try:

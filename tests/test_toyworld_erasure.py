@@ -1,8 +1,8 @@
 """End to end on the shipped ToyWorld model: membranes erase what they should and keep the rest.
 
 Thresholds are the measured figures of the `toyworld` trainer preset with a small margin for sampling
-noise (README, "Erasure on ToyWorld"); the evaluation uses fixed seeds, so a run repeats exactly on one
-machine.
+noise (docs/evaluation-and-toyworld.md, "Erasure on ToyWorld"); the evaluation uses fixed seeds, so a
+run repeats exactly on one machine.
 """
 
 import pytest
@@ -38,8 +38,8 @@ def test_the_toyworld_preset_is_the_shipped_hydra_preset():
     assert _setup_trainer(cfg).fingerprint() == TrainerConfig.preset("toyworld").fingerprint()
 
 
-# Measured on the shipped model with the `toyworld` preset and this evaluation (README, "Erasure on
-# ToyWorld"): red 1.00 -> 0.25 with non-target accuracy 0.94 -> 0.94; circle 0.88 -> 0.00 with non-target
+# Measured on the shipped model with the `toyworld` preset and this evaluation
+# (docs/evaluation-and-toyworld.md, "Erasure on ToyWorld"): red 1.00 -> 0.25 with non-target accuracy 0.94 -> 0.94; circle 0.88 -> 0.00 with non-target
 # shape accuracy 0.88 -> 0.71; both equipped: circle 0.04, red 0.04, and red's non-target prompts (which
 # name circles) lose 0.25; circle on the variant 0.75 -> 0.00.
 MARGIN = 0.1

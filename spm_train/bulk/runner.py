@@ -72,7 +72,9 @@ def connect(options: ClusterOptions):
     check_reachable(options)
     target, source = _target(options)
     try:
-        ray.init(address=address, **kwargs)
+        # the resolved address, never "auto": Ray's own "auto" also joins any Ray it finds running here,
+        # including an instance another program started in-process
+        ray.init(address=target or address, **kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises several types for the same problem
         where = f"{target!r}{source}" if target else repr(address)
         raise ClusterError(f"cannot join the Ray cluster at {where}: {first_line(exc)}") from None
@@ -80,21 +82,34 @@ def connect(options: ClusterOptions):
 
 
 def _target(options: ClusterOptions) -> tuple[str | None, str]:
-    """The address Ray will join, and a note when it comes from ``RAY_ADDRESS`` rather than the config.
+    """The address to join, and a note when it does not come from the config itself; None: local.
 
-    None for a local instance, and for ``auto`` without ``RAY_ADDRESS`` (Ray finds the cluster). With
-    ``auto``, Ray joins the address in ``RAY_ADDRESS`` when there is one (users export it for job
-    submission), so that is the address to check.
+    ``auto`` means the address in ``RAY_ADDRESS`` when there is one (users export it for job submission;
+    a submitted job's driver gets it from Ray), else the cluster ``ray start`` started on this machine,
+    as recorded in Ray's temp folder. Nothing else: a Ray instance another program started in-process
+    is not a cluster to join (its owner holds its resources, and it ends with that program).
     """
     address = options.address
     if address in _LOCAL:
         return None, ""
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS", "").strip()
-        if address in ("", "auto", "local"):
-            return None, ""
-        return address, " (from RAY_ADDRESS, with cluster.address=auto)"
+        if address not in ("", "auto", "local"):
+            return address, " (from RAY_ADDRESS, with cluster.address=auto)"
+        started = _started_by_ray_start()
+        if not started:
+            raise ClusterError("cluster.address=auto: no Ray cluster was started with `ray start` on this machine "
+                               "(a Ray instance another program started in-process is not joined); run "
+                               "`ray start --head`, or name the cluster: cluster.address=host:6379 or RAY_ADDRESS")
+        return started, " (the cluster `ray start` started here, with cluster.address=auto)"
     return address, ""
+
+
+def _started_by_ray_start() -> str | None:
+    """The GCS address of the last cluster ``ray start`` started on this machine (only it records one)."""
+    from ray._private.utils import read_ray_address  # the file `ray start` writes, honouring RAY_TMPDIR
+
+    return read_ray_address() or None
 
 
 def check_reachable(options: ClusterOptions) -> None:
@@ -234,9 +249,14 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
+    labels = {t.concept.name: t.concept.name if not t.point else f"{t.concept.name}/{t.point_id}" for t in job.tasks}
+
     def report(step: int, rows: list[dict]) -> None:
         if board is not None:
-            board.update.remote(job.job_id, step, job.trainer.iterations, sum(r["loss"] for r in rows) / len(rows))
+            # data-parallel workers report the same averaged losses; rank 0's rows go to the tracker
+            rows_out = [{**r, "label": labels[r["concept"]]} for r in rows] if trainer.worker_rank == 0 else []
+            board.update.remote(job.job_id, step, job.trainer.iterations, sum(r["loss"] for r in rows) / len(rows),
+                                rows_out)
 
     started, start = time.time(), time.perf_counter()
     trainer = PackTrainer(pipe, job.concepts, job.trainer, checkpoint_dir=store.checkpoint_dir(job.job_id),
@@ -260,6 +280,7 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
         row = ConceptResult(
             concept=task.concept.name, key=task.key, point=task.point, point_id=task.point_id, status="trained",
             loss=final.get("loss"), erase=final.get("erase"), anchor=final.get("anchor"), seconds=seconds,
+            pack_concepts=len(job.tasks),
             started=started, finished=time.time(), job_id=job.job_id, resumed_from=result.resumed_from, node=node,
             history=[r for r in result.history if r["concept"] == task.concept.name],
         )
@@ -275,12 +296,18 @@ def _progress_board():
     class ProgressBoard:
         def __init__(self):
             self.jobs: dict[str, tuple[int, int, float]] = {}
+            self.rows: list[dict] = []  # per-concept loss rows not yet taken by the driver
 
-        def update(self, job_id: str, step: int, total: int, loss: float) -> None:
+        def update(self, job_id: str, step: int, total: int, loss: float, rows: list | None = None) -> None:
             self.jobs[job_id] = (step, total, loss)
+            self.rows += rows or []
 
         def snapshot(self) -> dict:
             return dict(self.jobs)
+
+        def take_rows(self) -> list[dict]:
+            rows, self.rows = self.rows, []
+            return rows
 
     return ProgressBoard.remote()
 
@@ -324,10 +351,12 @@ class _Bars:
 
 def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: ClusterOptions, *,
              progress: bool = True, task_options: Callable[[Job], dict] | None = None,
-             train_fn: Callable[..., list[dict]] | None = None) -> list[ConceptResult]:
+             train_fn: Callable[..., list[dict]] | None = None,
+             on_rows: Callable[[list[dict]], None] | None = None) -> list[ConceptResult]:
     """Submit every job, then gather results as they finish. Never raises for a failing concept.
 
-    ``train_fn`` replaces the pack trainer (the orchestration benchmark uses a no-op).
+    ``train_fn`` replaces the pack trainer (the orchestration benchmark uses a no-op). ``on_rows`` gets
+    the packs' per-concept loss rows (with a ``label``: concept, or concept/sweep point) while they train.
     """
     import ray
     from ray.exceptions import RayTaskError
@@ -361,8 +390,10 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             try:
                 bars.update(ray.get(board.snapshot.remote(), timeout=10))
+                if on_rows is not None:
+                    on_rows(ray.get(board.take_rows.remote(), timeout=10))
             except Exception:  # noqa: BLE001 - progress is best effort
-                pass
+                logger.debug("progress board unavailable", exc_info=True)
             for ref in done:
                 job = pending.pop(ref)
                 try:
@@ -381,6 +412,11 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
                     results += _failed(job, exc)
                 else:
                     results += [ConceptResult(**row) for row in rows]
+        if on_rows is not None:  # what the last packs reported after the final poll
+            try:
+                on_rows(ray.get(board.take_rows.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - progress is best effort
+                logger.debug("progress board unavailable", exc_info=True)
     return results
 
 

@@ -38,7 +38,8 @@ class ConceptResult:
     loss: float | None = None
     erase: float | None = None
     anchor: float | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the pack that trained it
+    pack_concepts: int = 1  # how many concepts shared that pack (and its time)
     started: float = 0.0  # unix time the pack's task started / finished on its worker
     finished: float = 0.0
     job_id: str = ""
@@ -47,6 +48,11 @@ class ConceptResult:
     error: str | None = None
     history: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cost_seconds(self) -> float:
+        """This concept's share of its pack's time: the pack's seconds over the concepts it trained."""
+        return self.seconds / max(1, self.pack_concepts)
 
     def to_dict(self, with_history: bool = True) -> dict[str, Any]:
         data = asdict(self)

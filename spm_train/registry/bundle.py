@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Any, Iterable
 
+from ..io import atomic_output
 from .blobs import sha256_file
 from .core import LATEST, Registry, RegistryError, Version, copy_verified, is_protected
 from .validate import ValidationReport
@@ -26,38 +27,68 @@ BUNDLE_FORMAT = "spm-membrane-bundle"
 BUNDLE_VERSION = 1
 
 
+# lineage entries that name folders of the machine that trained the membrane: not for a published card
+_LOCAL_LINEAGE = ("run_dir", "source_file")
+LIMITATIONS = [
+    "Loaded as a plain LoRA (diffusers' `load_lora_weights`, A1111, ComfyUI) the membrane acts at full "
+    "strength on every prompt: facilitated transport, which opens it only as far as a prompt is close to "
+    "the erased concept, is lost, so unrelated prompts change more. Equip it with `spm_train.apply_membranes` "
+    "to keep transport.",
+    "Erasure is measured on this version's probe prompts (see Validation and Lineage); rephrasings, "
+    "other languages and adversarial prompts can still bring the concept back (published attacks recover "
+    "SPM-erased concepts in a large share of prompts). It is not a safety guarantee.",
+    "It plugs into models of the family and layer layout it was trained on (`family`, `layout` in its "
+    "header); other architectures load nothing or fail.",
+    "Several membranes equipped together compose exactly, but each one's cost to other prompts adds up.",
+]
+
+
+def base_model_of(lineage: dict[str, Any], family: str) -> tuple[str, str | None]:
+    """The base model's name for a card, and its Hub id when it has one (the metadata's ``base_model``).
+
+    A local folder is named by its last component: the card is published, the path is not.
+    """
+    hub_id = lineage.get("base_model_id")
+    source = str(lineage.get("base_model") or "")
+    if hub_id:
+        return hub_id, hub_id
+    if source.startswith("toyworld"):
+        return f"ToyWorld {'variant' if 'variant' in source else 'base'} (shipped with spm-train)", None
+    if source.startswith(("/", ".", "~")) or "://" in source or "\\" in source:
+        return os.path.basename(source.rstrip("/\\")) or family, None
+    return source or family, None
+
+
 def model_card(version: Version, image: str | None = None) -> str:
-    """A model card for one version: YAML front matter (``library_name``, ``tags``, ``base_model`` ...)
-    then what it erases, how it validated, where it came from and how to use it."""
+    """A model card for one version (``huggingface_hub.ModelCard``): metadata the Hub reads (library,
+    base model, license, tags), then what it erases, how it validated, its limitations, where it came
+    from and how to use it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     meta, lineage, validation = version.metadata, version.lineage, version.validation
     concepts = _json_list(meta.get("concepts"))
-    base = lineage.get("base_model") or meta.get("family", "unknown")
-    front = [
-        "---",
-        "library_name: diffusers",
-        f"base_model: {json.dumps(str(base))}",
-        "pipeline_tag: text-to-image",
-        "tags:",
-        *[f"- {t}" for t in ("stable-diffusion", "lora", "concept-erasure", "spm", "membrane",
-                             f"family-{meta.get('family', 'unknown')}")],
-        f"model_name: {json.dumps(f'spm-membrane-{version.concept}-v{version.version}')}",
-        "spm:",
-        f"  concept: {json.dumps(version.concept)}",
-        f"  version: {version.version}",
-        f"  sha256: {version.sha256}",
-        f"  validation: {version.status}",
-        "---",
-        "",
-    ]
+    family = meta.get("family", "unknown")
+    base_name, base_id = base_model_of(lineage, family)
+    license_id = lineage.get("base_license")
+    data = ModelCardData(
+        library_name="diffusers", base_model=base_id, pipeline_tag="text-to-image",
+        # a membrane is derived from its base model, so the base's license governs it
+        license=license_id or "other", license_name=None if license_id else "same as the base model",
+        tags=["stable-diffusion", "lora", "concept-erasure", "spm", "membrane", f"family-{family}"],
+        model_name=f"spm-membrane-{version.concept}-v{version.version}",
+        spm={"concept": version.concept, "version": version.version, "sha256": version.sha256,
+             "validation": version.status, "base_model_name": base_name},
+    )
     rows = [("version", f"{version.ref}"), ("aliases", ", ".join(version.aliases) or "-"),
-            ("erases", ", ".join(concepts) or version.concept), ("family", meta.get("family", "?")),
+            ("erases", ", ".join(concepts) or version.concept), ("base model", base_name), ("family", family),
+            ("license", license_id or "the base model's"),
             ("rank / alpha", f"{meta.get('rank', '?')} / {meta.get('alpha', '?')}"),
             ("base fingerprint", meta.get("base_fingerprint", "?")), ("sha256", version.sha256),
             ("validation", version.status)]
     body = [f"# SPM membrane: {version.concept} (v{version.version})", "",
             "A concept-erasing membrane (SPM, Lyu et al., CVPR 2024): a rank-"
-            f"{meta.get('rank', '1')} adapter on the UNet's transformer blocks. Plugged in with facilitated "
-            "transport it removes the concept below and leaves other prompts as they were.", "",
+            f"{meta.get('rank', '1')} adapter on the UNet's transformer blocks of {base_name}. Plugged in with "
+            "facilitated transport it removes the concept below and leaves other prompts as they were.", "",
             "| field | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     body += ["## Validation", ""]
     body += [f"- structural: {validation.get('structural', '?')}",
@@ -66,7 +97,10 @@ def model_card(version: Version, image: str | None = None) -> str:
     if version.metrics:
         body += ["", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {v:.4g} |" for k, v in sorted(version.metrics.items()) if isinstance(v, (int, float))]
-    body += ["", "## Lineage", "", "```json", json.dumps(lineage, indent=1, sort_keys=True, default=str), "```", ""]
+    body += ["", "## Limitations", "", *[f"- {line}" for line in LIMITATIONS]]
+    shown = {k: v for k, v in lineage.items() if k not in _LOCAL_LINEAGE}
+    shown["base_model"] = base_name
+    body += ["", "## Lineage", "", "```json", json.dumps(shown, indent=1, sort_keys=True, default=str), "```", ""]
     if image:
         body += ["## Before / after", "", f"![original | with membrane]({image})", ""]
     body += ["## Use", "", "```python",
@@ -77,7 +111,9 @@ def model_card(version: Version, image: str | None = None) -> str:
              "```", "",
              f"From a registry: `python -m pipelines.generate membranes=[{version.concept}@"
              f"{'production' if 'production' in version.aliases else 'latest'}] prompt=...`", ""]
-    return "\n".join(front + body)
+    # ModelCard parses the front matter back: metadata the Hub could not read fails here, not on upload
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+    return str(card)
 
 
 def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None = None) -> str:
@@ -97,8 +133,9 @@ def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None
         if image:
             shutil.copyfile(image, os.path.join(sub, "grid.png"))
             card_image = "grid.png"
-        with open(os.path.join(sub, "README.md"), "w") as fh:
-            fh.write(model_card(v, card_image))
+        with atomic_output(os.path.join(sub, "README.md")) as tmp:
+            with open(tmp, "w") as fh:
+                fh.write(model_card(v, card_image))
         entry = v.to_dict()
         entry["file"] = os.path.relpath(os.path.join(sub, "membrane.safetensors"), directory)
         entry["card"] = os.path.relpath(os.path.join(sub, "README.md"), directory)

@@ -202,6 +202,18 @@ class Registry:
         membrane.extra.setdefault("registry_ref", version.ref)
         return membrane
 
+    def equip(self, pipe, *refs: str, **options):
+        """Equip a diffusers pipeline with the membranes ``refs`` name (``"snoopy@production"``, ``"red:v2"``):
+        ``reg.equip(pipe, "snoopy@production")``. Facilitated transport on, as ``apply_membranes`` (whose
+        keyword ``options`` pass through); returns its handle: ``.remove()``, or use it as a context manager.
+        """
+        from ..transport import apply_membranes
+
+        if not refs:
+            raise RegistryError("equip needs at least one membrane reference, "
+                                "e.g. reg.equip(pipe, 'snoopy@production')")
+        return apply_membranes(pipe, [self.load(ref) for ref in refs], **options)
+
     # -- writing --------------------------------------------------------------------------------
     def register(self, source: str | bytes, *, concept: str, validation: ValidationReport | Mapping | None = None,
                  lineage: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,

@@ -7,10 +7,12 @@ is reported (``new`` False).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -65,10 +67,16 @@ def code_version() -> str:
 def publish_results(results: Sequence, *, concepts: Sequence, trainer, model: Mapping[str, Any], family: str,
                     base_fingerprint: str, registry: Mapping[str, Any], tracking: Mapping[str, Any], root: str,
                     run_config: Mapping[str, Any] | None = None, run_dir: str | None = None,
-                    run_name: str | None = None) -> Publication:
-    """Log ``results`` (``ConceptResult``s) to the tracker and register their membranes."""
+                    run_name: str | None = None, tracker: NullTracker | None = None) -> Publication:
+    """Log ``results`` (``ConceptResult``s) to the tracker and register their membranes.
+
+    ``tracker``: a run the caller opened (the bulk job opens it before training, to stream losses) and
+    closes; without one, a run is opened from ``tracking`` here and finished at the end.
+    """
     publication = Publication()
-    with open_tracker(tracking, root=root, config=run_config, name=run_name) as tracker:
+    opened = contextlib.nullcontext(tracker) if tracker is not None else \
+        open_tracker(tracking, root=root, config=run_config, name=run_name)
+    with opened as tracker:
         publication.wandb_run_id, publication.wandb_run_dir = tracker.run_id, tracker.run_dir
         for r in results:
             tracker.log_history(f"{r.concept}/{r.point_id}" if r.point else r.concept, r.history)
@@ -113,13 +121,14 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         if version is None:
             trainer_dict = membrane.trainer if membrane is not None else {}
             lineage = {
-                "base_model": model.get("source"), "base_fingerprint": fingerprint, "family": family,
+                "base_model": model.get("source"), "base_model_id": hub_id_of(model),
+                "base_license": model.get("license"), "base_fingerprint": fingerprint, "family": family,
                 "config_hash": r.key, "trainer_fingerprint": _trainer_fingerprint(trainer, r.point),
                 "code_version": code_version(), "seed": trainer_dict.get("seed", getattr(trainer, "seed", None)),
                 "sweep_point": dict(r.point), "sweep_point_id": r.point_id, "wandb_run_id": tracker.run_id,
                 "wandb_project": None if tracker.run_id is None else getattr(tracker.run, "project", None),
                 "run_dir": run_dir, "result_key": r.key, "job_id": r.job_id, "node": r.node,
-                "trained_seconds": r.seconds, "source_file": r.membrane,
+                "trained_seconds": r.seconds, "pack_concepts": r.pack_concepts, "source_file": r.membrane,
             }
             metrics = {k: v for k, v in (("loss", r.loss), ("erase", r.erase), ("anchor", r.anchor)) if v is not None}
             aliases = (candidate,) if candidate and report.status != "failed" else ()
@@ -173,6 +182,17 @@ def select_best(results: Sequence, checked: Mapping[str, tuple]) -> dict[str, st
                 dropped[r.key] = f"{concept}: sweep point {best.point_id} scored better than {r.point_id}"
         logger.info("%s: selected sweep point %s of %d candidates", concept, best.point_id, len(candidates))
     return dropped
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id_of(model: Mapping[str, Any]) -> str | None:
+    """The base model's Hugging Face Hub id: ``model.hub_id``, else a source that is one (not a folder here)."""
+    if model.get("hub_id"):
+        return str(model["hub_id"])
+    source = str(model.get("source") or "")
+    return source if _HUB_ID.fullmatch(source) and not os.path.exists(source) else None
 
 
 def registry_gates(cfg: Mapping[str, Any], concept: str) -> Gates:

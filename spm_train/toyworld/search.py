@@ -49,7 +49,8 @@ def concept_for(name: str, guidance_scale: float = 16.0) -> ConceptSpec:
 
     ``guidance_scale`` 16 (the erase loss's g): a tiny model's conditional and unconditional predictions
     differ little, so the paper's g = 1 moves generations too little; on the shipped base g = 5 left
-    P(red) at 0.67, g = 8 at 0.50, g = 12 / 16 at 0.21 / 0.25 (README, "Erasure on ToyWorld").
+    P(red) at 0.67, g = 8 at 0.50, g = 12 / 16 at 0.21 / 0.25 (docs/evaluation-and-toyworld.md,
+    "Erasure on ToyWorld").
     """
     for kind, values in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
         if name not in values:

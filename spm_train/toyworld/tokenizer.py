@@ -118,7 +118,7 @@ def build_word_tokenizer(words, out_dir, model_max_length: int = 16):
 
     tokenizer = CLIPTokenizer.from_pretrained(str(out_dir))
     _check_words(tokenizer, words)
-    log.info("word tokenizer: %d words, %d tokens, %d merges -> %s", len(words), len(tokenizer), len(merges), out_dir)
+    log.debug("word tokenizer: %d words, %d tokens, %d merges -> %s", len(words), len(tokenizer), len(merges), out_dir)
     return tokenizer
 
 

@@ -247,6 +247,21 @@ def test_ray_address_is_checked_like_cluster_address(tmp_path, monkeypatch):
         check_reachable(ClusterOptions(address="auto", connect_timeout_s=2))
 
 
+def test_auto_joins_only_a_cluster_started_with_ray_start(tmp_path, monkeypatch):
+    """Ray's own "auto" joins any Ray running on the machine, an in-process instance of another program
+    included; cluster.address=auto joins RAY_ADDRESS or what `ray start` recorded, nothing else."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` records its cluster
+    with pytest.raises(ClusterError, match=r"no Ray cluster was started with `ray start` .*not joined") as err:
+        check_reachable(ClusterOptions(address="auto"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    with pytest.raises(ClusterError, match=r"cannot reach the Ray cluster at '127.0.0.1:9' \(the cluster `ray start`"):
+        check_reachable(ClusterOptions(address="auto", connect_timeout_s=2))
+    assert not ray.is_initialized()
+
+
 # -- resources no node offers -----------------------------------------------------------------------
 
 

@@ -222,7 +222,8 @@ def test_export_import_roundtrip_with_model_cards_and_gc(tmp_path, membrane_file
         [("cat:v1", reg.resolve("cat:v1").sha256), ("snoopy:v1", v1.sha256)]
     card = (bundle / "snoopy" / "v1" / "README.md").read_text()
     front = card.split("---")[1]
-    assert "library_name: diffusers" in front and 'base_model: "random:sd1"' in front and "- concept-erasure" in front
+    assert "library_name: diffusers" in front and "- concept-erasure" in front
+    assert "base_model:" not in front and "| base model | random:sd1 |" in card  # not a Hub id: named, not linked
     assert "![original | with membrane](grid.png)" in card and (bundle / "snoopy" / "v1" / "grid.png").exists()
     assert _sha(bundle / "snoopy" / "v1" / "membrane.safetensors") == v1.sha256
 
@@ -275,3 +276,52 @@ def test_blobs_on_another_fsspec_filesystem(tmp_path, membrane_file):
     assert reg.blobs.url_of(v.sha256).startswith(url) and reg.blobs.list() == [v.sha256]
     assert reg.load("snoopy").name == "snoopy" and reg.verify() == []
     assert Registry.open(tmp_path / "reg").blobs.url == url  # the blob location is remembered
+
+
+def test_model_cards_carry_valid_hub_metadata_and_no_local_paths(tmp_path, membrane_file):
+    from huggingface_hub import ModelCard
+
+    reg = Registry.open(tmp_path / "reg")
+    hub = reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=PASSED, lineage={
+        "base_model": "/data/models/sd15", "base_model_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "base_license": "creativeml-openrail-m", "run_dir": "/home/me/runs/bulk/2026-12-02",
+        "source_file": "/home/me/runs/store/results/ab/membrane.safetensors"})
+    local = reg.register(membrane_file("cat", 1), concept="cat", validation=PASSED,
+                         lineage={"base_model": "/data/models/my-finetune"})
+    export_bundle(reg, str(tmp_path / "bundle"))
+
+    card = ModelCard.load(tmp_path / "bundle" / "snoopy" / "v1" / "README.md")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert card.data.license == "creativeml-openrail-m" and card.data.library_name == "diffusers"
+    assert card.data.to_dict()["spm"]["sha256"] == hub.sha256
+    assert "## Limitations" in card.text and "facilitated transport" in card.text and "load_lora_weights" in card.text
+    assert "/home/me" not in str(card) and "/data/models" not in str(card)  # no folder of the training machine
+
+    card = ModelCard.load(tmp_path / "bundle" / "cat" / "v1" / "README.md")
+    assert card.data.base_model is None  # a local fine-tune has no Hub id to link
+    assert card.data.license == "other" and card.data.license_name == "same as the base model"
+    assert "| base model | my-finetune |" in card.text and local.sha256 in str(card)
+
+
+def test_equip_puts_named_versions_on_a_pipeline_and_takes_them_off(tmp_path, membrane_file, tiny_pipe):
+    import torch
+
+    reg = Registry.open(tmp_path / "reg")
+    v1 = reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=PASSED)
+    reg.promote(v1.ref, "production")
+    g = torch.Generator().manual_seed(0)
+    sample, states = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 16, 32, generator=g)
+
+    def unet_out():
+        with torch.no_grad():
+            return tiny_pipe.unet(sample, 10, encoder_hidden_states=states).sample
+
+    before = unet_out()
+    with reg.equip(tiny_pipe, "snoopy@production", transport=False):  # no prompt here to gate on
+        equipped = unet_out()
+    assert not torch.allclose(equipped, before)
+    assert torch.equal(unet_out(), before)  # taken off: the base exactly as it was
+    with pytest.raises(RegistryError, match="at least one membrane reference"):
+        reg.equip(tiny_pipe)
+    with pytest.raises(RegistryError):
+        reg.equip(tiny_pipe, "snoopy@nosuch")
