@@ -21,7 +21,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.schema import ModelConfig, PathsConfig, RegistryConfig, register
+from pipelines.schema import ModelConfig, PathsConfig, RegistryConfig, check_home, register
+from spm_train.config import number_problem
 from spm_train.errors import SPMError
 
 logger = logging.getLogger("pipelines.generate")
@@ -78,6 +79,11 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
         problems.append("no membranes: set membranes=[CONCEPT@ALIAS,...]")
     if cfg.steps < 1:
         problems.append(f"steps={cfg.steps}: at least 1")
+    for name in ("guidance_scale", "facilitate"):  # NaN passes `< 0`: guidance NaN silently turned CFG off
+        if (problem := number_problem(name, cfg[name], minimum=0)) is not None:
+            problems.append(problem)
+    if cfg.resolution is not None and cfg.resolution < 8:
+        problems.append(f"resolution={cfg.resolution}: must be a positive multiple of 8")
     if problems:
         from spm_train.errors import ConfigError
 
@@ -150,4 +156,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_home()
     main()

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .config import number_problem
+from .errors import ConfigError
 from .membrane import Membrane, MembraneBank
 from .models import ModelAdapter, special_ids
 
@@ -252,5 +254,8 @@ def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = Tr
     calibrated one kept non-target accuracy where the paper's opened membranes to 0.92 for unrelated
     prompts (README, "Erasure on ToyWorld").
     """
+    problem = number_problem("facilitate", facilitate, minimum=0)
+    if problem:
+        raise ConfigError("transport", [problem])
     return MembraneHandle(pipe, membranes, transport=transport, facilitate=facilitate, scales=scales,
                           similarity=similarity, threshold=threshold)

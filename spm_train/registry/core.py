@@ -52,7 +52,7 @@ class IntegrityError(RegistryError):
                          "refusing to use it")
 
     def __reduce__(self):
-        return type(self), (self.concept, self.version, self.expected, self.actual, "")
+        return type(self), (self.concept, self.version, self.expected, self.actual, ""), self.__dict__
 
 
 @dataclass
@@ -215,7 +215,7 @@ class Registry:
                     raise RegistryError(f"no concept {concept!r} in the registry at {self.root}"
                                         + (f" (known: {', '.join(known[:10])})" if known else ""))
                 if alias == LATEST:
-                    raise RegistryError(f"{concept} has no version that passed validation, so no '{LATEST}'; "
+                    raise RegistryError(f"every version of {concept} failed validation, so it has no '{LATEST}'; "
                                         f"name a version ({concept}:vN) to use a failed one")
                 have = ", ".join(a["alias"] for a in self.index.aliases(concept)) or "none"
                 raise RegistryError(f"{concept} has no alias {alias!r} (aliases: {have})")
