@@ -317,7 +317,7 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, results: list[ConceptResult], run_
 
     by_point: dict[str, dict] = {}
     for r in results:
-        if r.status != "failed" and r.membrane:
+        if r.membrane:  # a membrane that failed its registry gates belongs in the report too
             by_point.setdefault(r.point_id, {})[r.concept] = load_membrane(r.membrane)
     if not by_point:
         return None

@@ -182,7 +182,7 @@ def run(cfg: DictConfig, out_dir: str) -> str:
     source = manifest["model"]["source"]
     points: dict[str, dict] = {}  # point id -> {"point": ..., "membranes": {name: m}, "concepts": [...]}
     for row in manifest["results"]:
-        if row.get("status") == "failed" or not row.get("membrane"):
+        if not row.get("membrane"):  # failed in training (a failed validation keeps its membrane)
             continue
         membrane = load_membrane(row["membrane"])
         spec = ConceptSpec(**json.loads(membrane.extra["concept"]))

@@ -71,8 +71,9 @@ def current_umask() -> int:
 def folder_problem(url: str | os.PathLike) -> str | None:
     """Why files cannot be written under the folder ``url`` (a path or fsspec URL), or None when they can.
 
-    Tried for real: the folder is made and a probe file written and removed there (permission bits
-    alone mislead, e.g. for root or on a read-only mount).
+    Tried for real, leaving nothing behind: a probe file is written and removed in the folder, or (when
+    it does not exist yet) in its nearest existing parent (permission bits alone mislead, e.g. for root
+    or on a read-only mount).
     """
     url = os.fspath(url)
     try:
@@ -87,9 +88,9 @@ def folder_problem(url: str | os.PathLike) -> str | None:
         if not os.path.isdir(parent):
             where = "it is a file" if parent == path else f"it lies under {parent}, which is a file"
             return f"cannot create or write this folder ({where})"
+        path = parent
     probe = f"{path.rstrip('/')}/.spm-write-probe-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(path, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types

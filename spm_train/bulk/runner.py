@@ -313,17 +313,17 @@ class _LogTail(logging.Handler):
             self.lines.extend(self.format(record).splitlines())
 
     def __enter__(self) -> "_LogTail":
-        root = logging.getLogger()
-        self._level = root.level
-        if root.level > logging.INFO or root.level == logging.NOTSET:
-            root.setLevel(logging.INFO)
-        root.addHandler(self)
+        # this library's progress lines (INFO) are part of the story; other libraries log as configured
+        ours = logging.getLogger("spm_train")
+        self._level = ours.level
+        if ours.getEffectiveLevel() > logging.INFO:
+            ours.setLevel(logging.INFO)
+        logging.getLogger().addHandler(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        root = logging.getLogger()
-        root.removeHandler(self)
-        root.setLevel(self._level)
+        logging.getLogger().removeHandler(self)
+        logging.getLogger("spm_train").setLevel(self._level)
 
     def attach(self, exc: BaseException) -> None:
         """Put the lines on the exception (``worker_log``); the driver shows them with the failure."""

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from typing import Any, Iterable
 
-from ..io import atomic_output
+from ..io import atomic_output, current_umask
 from .blobs import sha256_file
 from .core import LATEST, Registry, RegistryError, Version, copy_verified, is_protected
 from .validate import NOT_EVALUATED, ValidationReport
@@ -99,6 +99,7 @@ def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)
     try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is for sharing
         manifest = _write_bundle(registry, versions, staging)
         if os.path.isdir(directory):
             os.rmdir(directory)  # empty (checked above); a rename cannot replace a folder
