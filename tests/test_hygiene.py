@@ -109,23 +109,18 @@ def test_wandb_staging_and_caches_are_kept_under_the_tracking_folder(tmp_path, m
     assert "WANDB_DATA_DIR" not in os.environ  # the user's environment is as it was afterwards
 
 
-def test_a_local_ray_session_goes_under_the_given_folder(tmp_path, ray_shutdown):
-    import tempfile
-
+def test_a_local_ray_session_goes_under_the_given_folder_when_sockets_allow(tmp_path, monkeypatch):
     import ray
 
     from spm_train.bulk.runner import ClusterOptions, connect
 
-    short = tempfile.mkdtemp(prefix="spm", dir="/tmp")  # Ray's socket paths need a short folder
-    try:
-        connect(ClusterOptions(num_cpus=1), temp_dir=os.path.join(short, "ray"))
-        session = ray._private.worker._global_node.get_session_dir_path()
-        assert session.startswith(os.path.join(short, "ray"))
-    finally:
-        ray.shutdown()
-        import shutil
-
-        shutil.rmtree(short, ignore_errors=True)
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    connect(ClusterOptions(num_cpus=1), temp_dir="/tmp/spm-home/ray")
+    long = str(tmp_path / ("x" * 40) / "ray")  # Ray's socket paths would pass 107 characters
+    connect(ClusterOptions(num_cpus=1), temp_dir=long)
+    assert calls[0]["_temp_dir"] == "/tmp/spm-home/ray" and "_temp_dir" not in calls[1]
 
 
 # -- item 17: a failed pack shows the worker's last log lines ---------------------------------------
