@@ -19,7 +19,7 @@ import torch
 from spm_train import ConceptSpec, TrainerConfig
 from spm_train.bulk import runner
 from spm_train.bulk.plan import expand, pack
-from spm_train.bulk.store import ConceptResult, ResultStore
+from spm_train.bulk.store import ConceptResult, ResultStore, _Owner
 from spm_train.membrane import MembraneLayer
 from spm_train.registry import IntegrityError, Registry, RegistryError, ValidationReport, export_bundle
 from spm_train.registry.blobs import sha256_file
@@ -243,7 +243,7 @@ def test_a_live_claim_of_another_host_is_waited_for(tmp_path):
     claim = tmp_path / "store" / "claims" / f"{job.tasks[0].key}.json"
     claim.parent.mkdir(parents=True)
     claim.write_text(json.dumps({"owner": "other:1:x", "host": "other", "pid": 1, "expires": time.time() + 60}))
-    owner = __import__("spm_train.bulk.store", fromlist=["_Owner"])._Owner.new()
+    owner = _Owner.new()
     assert store._claim_all([job.tasks[0].key], owner) == ([], "other:1:x")
     assert json.loads(claim.read_text())["owner"] == "other:1:x"  # untouched
 
