@@ -25,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.console import quiet_console
-from pipelines.schema import ModelConfig
+from pipelines.schema import ModelConfig, check_home
 from spm_train.config import TrainerConfig
 
 logger = logging.getLogger("pipelines.benchmark")
@@ -206,4 +206,5 @@ def setting_problems(cfg: DictConfig) -> list[str]:
 
 
 if __name__ == "__main__":
+    check_home()
     main()

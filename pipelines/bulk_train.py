@@ -27,13 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.console import quiet_console
 from pipelines.help import register_help
-from pipelines.schema import register
+from pipelines.schema import check_home, register
 from spm_train.bulk.objective import OBJECTIVES, check_objective, objective_value
 from spm_train.bulk.plan import Job, expand, pack
 from spm_train.bulk.runner import ClusterOptions, check_reachable, connect, run_jobs
 from spm_train.bulk.store import ConceptResult, ResultStore, write_json
-from spm_train.config import ConceptSpec, TrainerConfig
+from spm_train.config import ConceptSpec, TrainerConfig, number_problem
 from spm_train.errors import ConfigError, SPMError
+from spm_train.io import folder_problem
 
 logger = logging.getLogger("pipelines.bulk_train")
 
@@ -99,7 +100,7 @@ def _setup_trainer(cfg: DictConfig) -> TrainerConfig:
     return TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
-def _setup_model(cfg: DictConfig) -> tuple[dict[str, Any], str, str]:
+def _setup_model(cfg: DictConfig, concepts: list[ConceptSpec] = ()) -> tuple[dict[str, Any], str, str]:
     """Load the base once on the driver: it proves the model exists and gives its fingerprint."""
     from spm_train.models import base_fingerprint, detect_family, load_base_model
 
@@ -109,8 +110,25 @@ def _setup_model(cfg: DictConfig) -> tuple[dict[str, Any], str, str]:
     if model.get("family") and model["family"] != family:
         raise ConfigError("model", [f"{model['source']!r} is a {family} model, config says {model['family']}"])
     fingerprint = base_fingerprint(pipe.unet)
+    _warn_long_prompts(pipe, concepts)
     del pipe
     return model, family, fingerprint
+
+
+def _warn_long_prompts(pipe, concepts: list[ConceptSpec]) -> None:
+    """Say on the driver, before training, which prompts the text encoder will cut (workers log to
+    themselves only, and a cut target trains a membrane for its first words)."""
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    for spec in concepts:
+        prompts = {"target": spec.target, "positive": spec.positive_prompt, "neutral": spec.neutral_prompt}
+        for role, prompt in prompts.items():
+            for tokenizer in tokenizers:
+                n, limit = len(tokenizer(prompt).input_ids), tokenizer.model_max_length
+                if n > limit:
+                    logger.warning("concept %s: the %s prompt is %d tokens; the text encoder reads %d, so "
+                                   "training sees only %r", spec.name, role, n, limit,
+                                   tokenizer.decode(tokenizer(prompt).input_ids[1:limit - 1]))
+                    break
 
 
 def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
@@ -122,8 +140,9 @@ def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
                         f"got {pack_size} and {max_pack_size}")
     data["auto_pack"] = pack_size == 0
     pack_size = pack_size or max_pack_size
-    if data["gpus_per_job"] < 0 or data["cpus_per_job"] < 0:
-        problems.append("cpus_per_job and gpus_per_job must be >= 0")
+    for name in ("cpus_per_job", "gpus_per_job", "connect_timeout_s"):
+        if name in data and (problem := number_problem(f"cluster.{name}", data[name], minimum=0)):
+            problems.append(problem)
     if data["max_retries"] < 0:
         problems.append(f"max_retries must be >= 0, got {data['max_retries']}")
     if data.get("workers_per_job", 1) < 1:
@@ -166,16 +185,22 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             concepts = value
         else:
             trainer = value
+    cluster, pack_size = None, 1
     try:
         cluster, pack_size = _setup_cluster(cfg)
     except ConfigError as exc:
         problems += exc.problems
+    sweep = {k: list(v) for k, v in OmegaConf.to_container(cfg.sweep, resolve=True).items()}
+    if trainer is not None and concepts:
+        try:  # every concept's overrides and every sweep point, before the base model loads
+            expand(concepts, trainer, sweep, "", cluster=cluster)
+        except ConfigError as exc:
+            problems += exc.problems
     problems += _check_stages(cfg, concepts)
     if problems:
         raise ConfigError("bulk run", problems)
 
-    model, family, fingerprint = _setup_model(cfg)
-    sweep = {k: list(v) for k, v in OmegaConf.to_container(cfg.sweep, resolve=True).items()}
+    model, family, fingerprint = _setup_model(cfg, concepts)
     tasks = expand(concepts, trainer, sweep, fingerprint, cluster=cluster)
     store = ResultStore(cfg.paths.store)
     cached, todo = [], []
@@ -202,13 +227,14 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
                                  ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None, False)):
         if not folder:
             continue
-        if "://" in str(folder):
-            if not url_ok:
-                problems.append(f"{name}={folder}: run folders and the registry index need a local or shared "
-                                "filesystem folder; keep results and membranes at a URL with paths.store=<url> "
-                                "registry.blobs=<url>")
-        elif not _writable(str(folder)):
-            problems.append(f"{name}={folder}: cannot create or write this folder")
+        if "://" in str(folder) and not url_ok:
+            problems.append(f"{name}={folder}: run folders and the registry index need a local or shared "
+                            "filesystem folder; keep results and membranes at a URL with paths.store=<url> "
+                            "registry.blobs=<url>")
+        elif (problem := folder_problem(str(folder))) is not None:
+            problems.append(f"{name}={folder}: {problem}")
+    if cfg.registry.enabled and "://" not in str(cfg.registry.uri):
+        problems += _registry_index_problems(str(cfg.registry.uri))
     if concepts:
         problems += check_eval_config(cfg, concepts)
         if cfg.registry.enabled:
@@ -218,15 +244,18 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
     return problems
 
 
-def _writable(folder: str) -> bool:
-    """Whether ``folder`` exists writable, or its nearest existing parent would let it be made."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            return False
-        path = parent
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+def _registry_index_problems(root: str) -> list[str]:
+    """An existing registry index that cannot be read is refused now, not after training (an absent one
+    is created at registration)."""
+    from spm_train.registry import Registry, RegistryError
+
+    if not os.path.exists(os.path.join(root, Registry.INDEX_NAME)):
+        return []
+    try:
+        Registry.open(root, create=False).close()
+    except RegistryError as exc:
+        return [f"registry.uri={root}: {exc}"]
+    return []
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -263,7 +292,7 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
                 len(plan.concepts), max(1, len(_points(plan.sweep))), n_tasks, len(plan.jobs), len(plan.cached))
     results = list(plan.cached)
     if plan.jobs:
-        connect(plan.cluster)
+        connect(plan.cluster, temp_dir=os.path.join(str(cfg.paths.root), "ray"))
         results += run_jobs(plan.jobs, plan.model, plan.store, plan.cluster, progress=cfg.progress,
                             task_options=task_options, on_rows=tracker.stream)
     results.sort(key=lambda r: (r.point_id, r.concept))
@@ -361,7 +390,7 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, results: list[ConceptResult], run_
 
     by_point: dict[str, dict] = {}
     for r in results:
-        if r.status != "failed" and r.membrane:
+        if r.membrane:  # a membrane that failed its registry gates belongs in the report too
             by_point.setdefault(r.point_id, {})[r.concept] = load_membrane(r.membrane)
     if not by_point:
         return None
@@ -554,4 +583,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_home()
     main()

@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.console import quiet_console
-from pipelines.schema import BulkTrainConfig, register
+from pipelines.schema import BulkTrainConfig, check_home, register
 from spm_train.config import ConceptSpec, TrainerConfig
 from spm_train.errors import ConfigError, SPMError
 
@@ -69,6 +69,17 @@ def _scorer_problems(e: DictConfig) -> list[str]:
     return [] if os.path.isdir(str(e.clip_path)) else [f"eval.clip_path={e.clip_path}: no such folder"]
 
 
+def _eval_number_problems(e: DictConfig) -> list[str]:
+    """Finite numbers in range: NaN passes every comparison, so it would reach the sampler unnoticed."""
+    from spm_train.config import number_problem
+
+    limits = {"guidance_scale": 0, "threshold": 0, "samples_per_prompt": 1, "steps": 1, "batch_size": 1}
+    problems = [number_problem(f"eval.{name}", e[name], minimum=least) for name, least in limits.items()]
+    if not problems[1] and e.threshold >= 1:
+        problems.append(f"eval.threshold must be < 1 (the calibrated cosine's zero point), got {e.threshold}")
+    return [p for p in problems if p]
+
+
 def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec], source: str | None = None) -> list[str]:
     """Every problem of the eval section that would otherwise surface after training (or after
     generating), for the base model ``source`` (default: the config's)."""
@@ -80,6 +91,7 @@ def check_eval_config(cfg: DictConfig, concepts: list[ConceptSpec], source: str 
     problems = []
     if e.similarity not in SIMILARITIES:
         problems.append(f"eval.similarity={e.similarity}: one of {', '.join(SIMILARITIES)}")
+    problems += _eval_number_problems(e)
     problems += _scorer_problems(e)
     if e.kind == "toyworld":
         source = str(source or cfg.model.source)
@@ -172,7 +184,7 @@ def run(cfg: DictConfig, out_dir: str) -> str:
     source = manifest["model"]["source"]
     points: dict[str, dict] = {}  # point id -> {"point": ..., "membranes": {name: m}, "concepts": [...]}
     for row in manifest["results"]:
-        if row.get("status") == "failed" or not row.get("membrane"):
+        if not row.get("membrane"):  # failed in training (a failed validation keeps its membrane)
             continue
         membrane = load_membrane(row["membrane"])
         spec = ConceptSpec(**json.loads(membrane.extra["concept"]))
@@ -218,4 +230,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_home()
     main()

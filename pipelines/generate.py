@@ -22,7 +22,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.console import quiet_console
-from pipelines.schema import ModelConfig, PathsConfig, RegistryConfig, register
+from pipelines.schema import ModelConfig, PathsConfig, RegistryConfig, check_home, register
+from spm_train.config import number_problem
 from spm_train.errors import SPMError
 
 logger = logging.getLogger("pipelines.generate")
@@ -91,6 +92,11 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
         problems.append(f"similarity={cfg.similarity}: one of {', '.join(SIMILARITIES)}")
     if cfg.scaling not in SCALINGS:
         problems.append(f"scaling={cfg.scaling}: one of {', '.join(SCALINGS)}")
+    for name in ("guidance_scale", "facilitate"):  # NaN passes `< 0`: guidance NaN silently turned CFG off
+        if (problem := number_problem(name, cfg[name], minimum=0)) is not None:
+            problems.append(problem)
+    if cfg.resolution is not None and cfg.resolution < 8:
+        problems.append(f"resolution={cfg.resolution}: must be a positive multiple of 8")
     if problems:
         from spm_train.errors import ConfigError
 
@@ -165,4 +171,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_home()
     main()

@@ -7,10 +7,12 @@
     python -m pipelines.registry verify                           # re-hash every blob, check the index
     python -m pipelines.registry export bundle/ [snoopy:v3 ...]   # manifest, files, model cards
     python -m pipelines.registry import bundle/
+    python -m pipelines.registry import snoopy_last.safetensors --concept snoopy   # one file (also official SPM)
     python -m pipelines.registry gc [--dry-run]
 
 The registry is ``--root`` or ``$SPM_HOME/registry`` (``runs/registry`` without SPM_HOME). Errors are
-one line on stderr and exit code 2; ``verify`` exits 1 when it finds problems.
+one line on stderr and exit code 2; ``verify`` and ``show`` exit 1 when they find a problem with a blob,
+``import`` when a version it registered failed validation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import sqlite3
 import sys
 
 from spm_train.errors import SPMError
-from spm_train.registry import Registry, export_bundle, import_bundle
+from spm_train.config import valid_name
+from spm_train.registry import FAILED, Registry, export_bundle, import_bundle, import_file
 
 logger = logging.getLogger("pipelines.registry")
 
@@ -56,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a bundle: manifest.json, membranes, model cards")
     ex.add_argument("dir")
     ex.add_argument("refs", nargs="*", help="versions to export (default: all)")
-    im = sub.add_parser("import", help="register a bundle's versions after checking their hashes")
-    im.add_argument("dir")
+    im = sub.add_parser("import", help="register a bundle's versions after checking their hashes, or one file")
+    im.add_argument("dir", help="a bundle folder, or one .safetensors membrane (ours or the official SPM code's)")
+    im.add_argument("--concept", default=None, help="concept to register a single file as (default: its name)")
     gc = sub.add_parser("gc", help="remove blobs no version points to")
     gc.add_argument("--dry-run", action="store_true")
     return p
@@ -93,11 +97,15 @@ def cmd_show(args) -> int:
     with _open(args) as reg:
         v = reg.resolve(args.ref)
         events = [e for e in reg.index.events(v.concept) if e["version"] == v.version]
+        blob = reg.blob_problem(v)
+    code = 1 if blob else 0
     if args.json:
-        print(json.dumps({**v.to_dict(), "events": events}, indent=1, sort_keys=True, default=str))
-        return 0
+        print(json.dumps({**v.to_dict(), "events": events, "blob": blob or "intact"}, indent=1, sort_keys=True,
+                         default=str))
+        return code
     print(f"{v.ref}  ({v.status})  aliases: {', '.join(v.aliases) or '-'}")
     print(f"  sha256:   {v.sha256}  ({v.size} bytes, {_when(v.created)} UTC)")
+    print(f"  blob:     {'PROBLEM: ' + blob if blob else 'intact (re-hashed)'}")
     print(f"  erases:   {v.metadata.get('concepts', '?')}  family {v.metadata.get('family', '?')}, "
           f"rank {v.metadata.get('rank', '?')}, alpha {v.metadata.get('alpha', '?')}")
     print(f"  validation: structural {v.validation.get('structural')}, behavioural {v.validation.get('behavioural')}")
@@ -109,7 +117,7 @@ def cmd_show(args) -> int:
         print(f"  lineage {key}: {json.dumps(value, default=str)}")
     for e in events:
         print(f"  {_when(e['ts'])}  {e['action']}  {json.dumps(e['detail'], sort_keys=True, default=str)}")
-    return 0
+    return code
 
 
 def cmd_promote(args) -> int:
@@ -146,11 +154,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
+    single = os.path.isfile(args.dir)
+    concept = args.concept or (os.path.splitext(os.path.basename(args.dir))[0] if single else None)
+    if single and not valid_name(concept):
+        raise SPMError(f"{concept!r} is not a concept name; name the concept with --concept NAME")
+    if args.concept and not single:
+        raise SPMError("--concept applies to importing one file; a bundle names its concepts")
     with _open(args, create=True) as reg:
-        versions = import_bundle(reg, args.dir)
+        versions = [import_file(reg, args.dir, concept)] if single else import_bundle(reg, args.dir)
     for v in versions:
-        print(f"{v.ref}  {'new' if v.new else 'already present'}  {v.sha256[:12]}")
-    return 0
+        print(f"{v.ref}  {'new' if v.new else 'already present'}  {v.status}  {v.sha256[:12]}")
+    failed = [v for v in versions if v.status == FAILED]
+    if failed:
+        print(f"{len(failed)} version(s) failed validation: {', '.join(v.ref for v in failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_gc(args) -> int:

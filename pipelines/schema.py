@@ -6,6 +6,8 @@ accept exactly the same fields.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -150,3 +152,27 @@ def register() -> None:
     cs.store(group="tracking", name="schema", node=TrackingConfig)
     cs.store(group="registry", name="schema", node=RegistryConfig)
     cs.store(group="eval", name="schema", node=EvalConfig)
+
+
+def check_home(argv: List[str] | None = None) -> None:
+    """Exit with one line (status 2) when the folder runs go to cannot be written.
+
+    Hydra makes its run folder under ``paths.root`` (``$SPM_HOME``) before any check of ours runs, and
+    fails there with a traceback; this runs first.
+    """
+    from spm_train.io import folder_problem
+
+    args = sys.argv[1:] if argv is None else argv
+    overrides = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("paths.root=")]
+    if overrides:
+        name, folder = "paths.root", overrides[-1]
+    elif os.environ.get("SPM_HOME"):
+        name, folder = "SPM_HOME", os.environ["SPM_HOME"]
+    else:
+        name, folder = "paths.root", "runs"
+    if "://" in folder or "${" in folder:
+        return  # the pipeline's own checks name these
+    problem = folder_problem(folder)
+    if problem:
+        print(f"error: {name}={folder}: {problem}; runs write their folders there", file=sys.stderr)
+        sys.exit(2)

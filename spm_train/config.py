@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,20 @@ ERASE_WITH_ANCHORING = "erase_with_la"
 ACTIONS = (ERASE, ERASE_WITH_ANCHORING)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def number_problem(name: str, value, *, minimum: float | None = None, above: bool = False) -> str | None:
+    """What is wrong with a numeric setting (not a number, NaN or infinite, below ``minimum``), or None.
+
+    NaN passes every comparison, so a range check alone lets it through: finiteness is checked first.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"{name} must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if minimum is not None and (value < minimum or (above and value == minimum)):
+        return f"{name} must be {'>' if above else '>='} {minimum:g}, got {value!r}"
+    return None
 
 
 def valid_name(name) -> bool:
@@ -64,8 +79,9 @@ class ConceptSpec:
             problems.append(f"concept {self.name!r}: surrogate prompt is empty")
         if self.positive is not None and not str(self.positive).strip():
             problems.append(f"concept {self.name!r}: positive prompt is empty")
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            problems.append(f"concept {self.name!r}: guidance_scale must be >= 0, got {self.guidance_scale!r}")
+        problem = number_problem("guidance_scale", self.guidance_scale, minimum=0)
+        if problem:
+            problems.append(f"concept {self.name!r}: {problem}")
         if problems:
             raise ConfigError("concept", problems)
         self.nontarget = list(self.nontarget)
@@ -146,11 +162,9 @@ class TrainerConfig:
         problems = []
 
         def positive(name, allow_zero=False):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                problems.append(f"{name} must be a number, got {value!r}")
-            elif value < 0 or (value == 0 and not allow_zero):
-                problems.append(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+            problem = number_problem(name, getattr(self, name), minimum=0, above=not allow_zero)
+            if problem:
+                problems.append(problem)
 
         for name in ("iterations", "lr", "batch_size", "rank", "alpha", "max_denoising_steps", "log_every"):
             positive(name)
@@ -171,7 +185,9 @@ class TrainerConfig:
             problems.append(f"max_denoising_steps must be >= 2, got {self.max_denoising_steps}")
         if isinstance(self.lr_cycles, int) and self.lr_cycles < 1:
             problems.append(f"lr_cycles must be >= 1, got {self.lr_cycles}")
-        if not (0 < self.anchor_scale_min <= self.anchor_scale_max):
+        scales = [number_problem(n, getattr(self, n)) for n in ("anchor_scale_min", "anchor_scale_max")]
+        problems += [p for p in scales if p]
+        if not any(scales) and not (0 < self.anchor_scale_min <= self.anchor_scale_max):
             problems.append(
                 f"anchor scale range must satisfy 0 < min <= max, got [{self.anchor_scale_min}, {self.anchor_scale_max}]"
             )
@@ -203,10 +219,16 @@ class TrainerConfig:
         return dataclasses.replace(TRAINER_PRESETS[name], **overrides)
 
     def replace(self, **overrides) -> "TrainerConfig":
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ConfigError("trainer config", [f"unknown key {k!r}" for k in unknown])
-        return dataclasses.replace(self, **overrides)
+        """A copy with ``overrides``; unknown keys and bad values are reported together."""
+        known = {f.name for f in dataclasses.fields(self)}
+        problems = [f"unknown key {k!r}" for k in sorted(set(overrides) - known)]
+        try:
+            replaced = dataclasses.replace(self, **{k: v for k, v in overrides.items() if k in known})
+        except ConfigError as exc:
+            problems += exc.problems
+        if problems:
+            raise ConfigError("trainer config", problems)
+        return replaced
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

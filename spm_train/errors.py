@@ -19,8 +19,8 @@ class ConfigError(SPMError, ValueError):
         self.problems = list(problems)
         super().__init__(f"invalid {what}: " + "; ".join(self.problems))
 
-    def __reduce__(self):  # crosses process boundaries (Ray) intact
-        return type(self), (self.what, self.problems)
+    def __reduce__(self):  # crosses process boundaries (Ray) intact, with attributes added on the way
+        return type(self), (self.what, self.problems), self.__dict__
 
 
 class ModelLoadError(SPMError, OSError):
@@ -49,7 +49,7 @@ class TrainingDivergedError(SPMError, RuntimeError):
                          "lower the learning rate or check the prompts")
 
     def __reduce__(self):
-        return type(self), (self.concepts, self.step)
+        return type(self), (self.concepts, self.step), self.__dict__
 
 
 class ClusterError(SPMError, ConnectionError):

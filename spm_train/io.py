@@ -33,6 +33,8 @@ def atomic_output(url: str | os.PathLike) -> Iterator[str]:
             yield tmp
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            # some writers (safetensors) create 0600 files: a team's shared store must follow the umask
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -50,6 +52,51 @@ def atomic_output(url: str | os.PathLike) -> Iterator[str]:
         finally:
             if fs.exists(remote_tmp):
                 fs.rm(remote_tmp)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def folder_problem(url: str | os.PathLike) -> str | None:
+    """Why files cannot be written under the folder ``url`` (a path or fsspec URL), or None when they can.
+
+    Tried for real, leaving nothing behind: a probe file is written and removed in the folder, or (when
+    it does not exist yet) in its nearest existing parent (permission bits alone mislead, e.g. for root
+    or on a read-only mount).
+    """
+    url = os.fspath(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as exc:
+        return f"cannot open it ({exc})"
+    if _is_local(fs):
+        path = os.path.abspath(os.path.expanduser(path))
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            where = "it is a file" if parent == path else f"it lies under {parent}, which is a file"
+            return f"cannot create or write this folder ({where})"
+        path = parent
+    probe = f"{path.rstrip('/')}/.spm-write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types
+        reason = getattr(exc, "strerror", None) or exc
+        return f"cannot create or write this folder ({reason})"
+    return None
 
 
 def exists(url: str | os.PathLike) -> bool:

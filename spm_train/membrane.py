@@ -22,13 +22,16 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
 from . import io
@@ -41,6 +44,9 @@ FORMAT_VERSION = "1"
 KEY_PREFIX = "lora_unet_"
 REQUIRED_METADATA = ("format", "format_version", "name", "concepts", "family", "layout",
                      "base_fingerprint", "rank", "alpha", "trainer")
+# The official SPM code (Lyu et al.) writes only these; its tensors use the same kohya keys as ours.
+OFFICIAL_METADATA = ("prompts", "rank", "alpha")
+OFFICIAL_SOURCE = "spm-official"  # ``extra["source_format"]`` of a membrane read from such a file
 
 # ---------------------------------------------------------------------------------------------
 # Which layers a membrane covers
@@ -595,6 +601,8 @@ class Membrane:
             "ss_network_alpha": repr(float(self.alpha)),
         }
         meta.update({k: str(v) for k, v in self.extra.items()})
+        # what the official inference script reads: the erased prompts, comma-joined as it writes them
+        meta["prompts"] = ",".join(self.concepts)
         return meta
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -605,14 +613,36 @@ class Membrane:
             tensors[f"{key}.alpha"] = torch.tensor(float(self.alpha))
         return tensors
 
+    def to_bytes(self) -> bytes:
+        """The safetensors file as bytes: the same weights and metadata always give the same bytes."""
+        validate_weights(self.weights, self.rank, where=self.name)
+        return canonical_safetensors(save_bytes(self.state_dict(), metadata=self.metadata()))
+
     def save(self, url) -> str:
         """Write ``url`` (a .safetensors path or fsspec URL) atomically; returns the URL."""
-        validate_weights(self.weights, self.rank, where=self.name)
+        data = self.to_bytes()
         with io.atomic_output(url) as tmp:
-            save_file(self.state_dict(), tmp, metadata=self.metadata())
+            with open(tmp, "wb") as fh:
+                fh.write(data)
         logger.info("saved membrane %s (%d layers, %d parameters) to %s",
                     self.name, self.num_layers, self.num_parameters, url)
         return str(url)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` with its header in one fixed order: metadata keys sorted, tensors by offset.
+
+    safetensors writes the metadata map in an arbitrary order, so saving the same membrane twice gave
+    different bytes (and sha256s), and the registry took a re-trained identical membrane for a new version.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    metadata = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    ordered.update(sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the tensor data to 8 bytes
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def validate_weights(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, where: str = "") -> None:
@@ -649,6 +679,8 @@ def load_membrane(url) -> Membrane:
         raise
     except Exception as exc:
         raise MembraneFormatError(f"{url} is not a readable safetensors file ({exc})") from None
+    if "format" not in meta and all(k in meta for k in OFFICIAL_METADATA):
+        meta = _from_official(meta, tensors, url)
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise MembraneFormatError(f"{url}: metadata lacks {', '.join(missing)}")
@@ -689,12 +721,42 @@ def load_membrane(url) -> Membrane:
         if alpha_key in tensors and not math.isclose(float(tensors[alpha_key]), alpha, rel_tol=1e-6):
             raise MembraneFormatError(f"{url}: {alpha_key} = {float(tensors[alpha_key])} differs from alpha {alpha}")
     validate_weights(weights, rank, where=str(url))
-    known = set(REQUIRED_METADATA) | {"ss_network_dim", "ss_network_alpha"}
+    known = set(REQUIRED_METADATA) | {"ss_network_dim", "ss_network_alpha", "prompts"}
     return Membrane(
         weights=weights, rank=rank, alpha=alpha, name=meta["name"], concepts=concepts,
         family=meta["family"], layout=meta["layout"], base_fingerprint=meta["base_fingerprint"],
         trainer=trainer, extra={k: v for k, v in meta.items() if k not in known},
     )
+
+
+def _from_official(meta: dict[str, str], tensors: dict[str, torch.Tensor], url) -> dict[str, str]:
+    """The metadata of a file written by the official SPM code, completed from what it does carry.
+
+    Concepts are its comma-joined ``prompts``; the family is read from the tensors. It records no base
+    fingerprint, layout id or trainer config: ``extra["source_format"]`` marks the membrane as such.
+    """
+    concepts = [p.strip() for p in meta["prompts"].split(",") if p.strip()]
+    stem = os.path.splitext(os.path.basename(str(url)))[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip("_.-") or "membrane"
+    return {**meta, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name,
+            "concepts": json.dumps(concepts), "family": family_from_keys(tensors), "layout": "",
+            "base_fingerprint": "", "trainer": "{}", "source_format": OFFICIAL_SOURCE}
+
+
+def family_from_keys(tensors: dict[str, torch.Tensor]) -> str:
+    """The UNet family a membrane's tensors were trained on (``unknown`` when they do not say).
+
+    SD 1.x projects into its transformer blocks with 1x1 convolutions, SD 2.x and SDXL with linear
+    layers; only SDXL stacks several transformer blocks in one attention (2 and 10 in SDXL itself).
+    """
+    proj_in = [t for k, t in tensors.items() if k.endswith("_proj_in.lora_down.weight")]
+    if not proj_in:
+        return "unknown"
+    if all(t.dim() == 4 for t in proj_in):
+        return "sd1"
+    if any("_transformer_blocks_1_" in k for k in tensors):
+        return "sdxl"
+    return "sd2"
 
 
 def _check_fits(membrane: Membrane, targets: dict[str, nn.Module], by_name: dict[str, str]) -> None:

@@ -176,6 +176,22 @@ def _wandb_key_known() -> bool:
 
 
 @contextlib.contextmanager
+def _wandb_home(directory: str, names: Mapping[str, str]) -> Iterator[None]:
+    """W&B's own folders (artifact staging, caches, core logs) under ``<directory>/wandb-home`` instead of
+    the user's home folder, for the block; variables the user set are left alone."""
+    saved = {name: os.environ.get(name) for name in names}
+    for name, sub in names.items():
+        if saved[name] is None:
+            os.environ[name] = os.path.join(directory, "wandb-home", sub)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
 def open_tracker(tracking: Mapping[str, Any], *, root: str, config: Mapping[str, Any] | None = None,
                  name: str | None = None, job_type: str = "bulk_train") -> Iterator[NullTracker]:
     """A tracker for ``tracking`` (the ``TrackingConfig`` as a dict); the run always finishes."""
@@ -195,19 +211,22 @@ def open_tracker(tracking: Mapping[str, Any], *, root: str, config: Mapping[str,
 
     directory = os.path.abspath(str(tracking.get("dir") or root))
     os.makedirs(directory, exist_ok=True)
-    run = wandb.init(project=tracking.get("project", "spm-membranes"), entity=tracking.get("entity"),
-                     tags=list(tracking.get("tags") or []), config=dict(config or {}), name=name,
-                     job_type=job_type, dir=directory, mode=mode, reinit="create_new",
-                     settings=wandb.Settings(silent=True, console="off",
-                                             x_disable_stats=not tracking.get("system_stats", True)))
-    tracker = WandbTracker(run, tracking.get("registry_collection"))
-    logger.info("W&B run %s (%s) writing to %s", run.id, mode, tracker.run_dir)
-    try:
-        yield tracker
-    except BaseException:
-        run.finish(exit_code=1)
-        raise
-    else:
-        run.finish()
+    with _wandb_home(directory, {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache"}):
+        # wandb-core writes its debug logs to the user cache folder of the moment it starts
+        with _wandb_home(directory, {"XDG_CACHE_HOME": "cache"}):
+            run = wandb.init(project=tracking.get("project", "spm-membranes"), entity=tracking.get("entity"),
+                             tags=list(tracking.get("tags") or []), config=dict(config or {}), name=name,
+                             job_type=job_type, dir=directory, mode=mode, reinit="create_new",
+                             settings=wandb.Settings(silent=True, console="off",
+                                                                     x_disable_stats=not tracking.get("system_stats", True)))
+        tracker = WandbTracker(run, tracking.get("registry_collection"))
+        logger.info("W&B run %s (%s) writing to %s", run.id, mode, tracker.run_dir)
+        try:
+            yield tracker
+        except BaseException:
+            run.finish(exit_code=1)
+            raise
+        else:
+            run.finish()
     if mode == "offline":
         logger.info("offline W&B run in %s; upload it with `wandb sync %s`", tracker.run_dir, tracker.run_dir)

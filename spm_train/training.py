@@ -132,12 +132,18 @@ class PackTrainer:
         if deepspeed is not None:
             _init_deepspeed_process_group()
         self._setup_concepts(concepts)
-        self._setup_model(pipe)
-        self._setup_bank()
-        self._setup_prompts()
-        self._setup_layout()
-        self._setup_optimizer()
-        self._setup_memory_format()
+        try:
+            self._setup_model(pipe)
+            self._setup_bank()
+            self._setup_prompts()
+            self._setup_layout()
+            self._setup_optimizer()
+            self._setup_memory_format()
+        except BaseException:
+            # all or nothing: membranes left attached to a cached base would fail every later pack on it
+            # ("already carries membranes") and hide this error, the real cause
+            self.close()
+            raise
         self.step = 0
         self.history: list[dict] = []
 
@@ -558,11 +564,14 @@ class PackTrainer:
 
     def close(self) -> None:
         """Detach the membranes: the pipeline's UNet is as it was before training (layers, memory format,
-        which parameters require gradients, train/eval mode)."""
-        self.bank.detach()
-        if self.made_channels_last:
+        which parameters require gradients, train/eval mode); also after a setup that failed part way."""
+        if getattr(self, "bank", None) is not None:
+            self.bank.detach()
+        if getattr(self, "made_channels_last", False):
             self.unet.to(memory_format=torch.contiguous_format)
             self.made_channels_last = False
+        if getattr(self, "_unet_state", None) is None:
+            return
         wanted_grad, training = self._unet_state
         for name, p in self.unet.named_parameters():
             p.requires_grad_(name in wanted_grad)

@@ -34,6 +34,8 @@ from typing import Sequence
 
 import torch
 
+from .config import number_problem
+from .errors import ConfigError
 from .membrane import Membrane, MembraneBank
 from .models import ModelAdapter
 
@@ -358,6 +360,9 @@ def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = Tr
     applies gamma squared, as the official inference code does. On ToyWorld the paper's similarity opened
     membranes to 0.92 for unrelated prompts and counted "a" as a shared token (docs/erasure.md).
     """
+    problem = number_problem("facilitate", facilitate, minimum=0)
+    if problem:
+        raise ConfigError("transport", [problem])
     return MembraneHandle(pipe, membranes, transport=transport, facilitate=facilitate, scales=scales,
                           similarity=similarity, threshold=threshold, scaling=scaling)
 

@@ -16,30 +16,38 @@ from .store import ResultStore
 def _worker_loop(config: dict) -> None:
     from .runner import train_pack
 
-    train_pack(config["job"], config["model"], config["store_root"], config.get("board"), config.get("deepspeed"))
+    # the driving task holds the pack's claims: the workers of one pack must not wait for each other
+    train_pack(config["job"], config["model"], config["store_root"], config.get("board"), config.get("deepspeed"),
+               claim=False)
 
 
 def train_pack_data_parallel(job: Job, model: dict, store_root: str, board=None, num_workers: int = 2,
                              cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                              deepspeed: dict | None = None) -> list[dict]:
     """Train ``job`` on ``num_workers`` Ray Train workers; returns the stored results like ``train_pack``."""
+    store = ResultStore(store_root)
+    with store.claim([t.key for t in job.tasks]):
+        stored = [store.lookup(t.key) for t in job.tasks]
+        if all(r is not None for r in stored):  # a retry, or another run, stored every result
+            return [r.to_dict() for r in stored]
+        _fit(job, model, store, board, num_workers, cpus_per_worker, gpus_per_worker, deepspeed)
+    return [store.get(t.key).to_dict() for t in job.tasks]
+
+
+def _fit(job: Job, model: dict, store: ResultStore, board, num_workers: int, cpus_per_worker: float,
+         gpus_per_worker: float, deepspeed: dict | None) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    store = ResultStore(store_root)
-    stored = [store.lookup(t.key) for t in job.tasks]
-    if all(r is not None for r in stored):  # a retry after the first attempt stored every result
-        return [r.to_dict() for r in stored]
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": job, "model": model, "store_root": store_root, "board": board,
+        train_loop_config={"job": job, "model": model, "store_root": store.root, "board": board,
                            "deepspeed": deepspeed},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(gpus_per_worker),
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"pack-{job.job_id}", storage_path=f"{store.root}/ray_train"),
     )
     trainer.fit()
-    return [store.get(t.key).to_dict() for t in job.tasks]

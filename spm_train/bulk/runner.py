@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import math
 import os
@@ -49,11 +51,16 @@ class ClusterOptions:
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
 
-def connect(options: ClusterOptions):
+# Ray puts Unix sockets under its session folder (about 67 more characters); a socket path has 107 at most
+_RAY_TEMP_MAX = 40
+
+
+def connect(options: ClusterOptions, temp_dir: str | None = None):
     """Start a local Ray instance in-process, or join the cluster at ``options.address``.
 
     A local run always starts its own instance: it joins neither the cluster ``RAY_ADDRESS`` names
-    nor one started earlier on this machine with ``ray start``.
+    nor one started earlier on this machine with ``ray start``. Its session folder (logs, sockets)
+    goes to ``temp_dir`` when given and short enough for Ray's socket paths, else Ray's default.
     """
     import ray
 
@@ -66,6 +73,13 @@ def connect(options: ClusterOptions):
     kwargs: dict[str, Any] = {"runtime_env": env or None, "log_to_driver": False, "include_dashboard": False}
     if options.address in _LOCAL:
         kwargs.update(address="local", num_cpus=options.num_cpus, num_gpus=options.num_gpus)
+        if temp_dir:
+            temp_dir = os.path.abspath(temp_dir)
+            if len(temp_dir) <= _RAY_TEMP_MAX:
+                kwargs["_temp_dir"] = temp_dir
+            else:
+                logger.info("Ray's session folder stays in its default place: %s is longer than the %d "
+                            "characters its socket paths allow", temp_dir, _RAY_TEMP_MAX)
         ray.init(**kwargs)
         return ray
     address = options.address
@@ -197,7 +211,7 @@ def _load_base(model: dict):
 
 
 def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: dict | None = None,
-               auto_pack: bool = False) -> list[dict]:
+               auto_pack: bool = False, claim: bool = True) -> list[dict]:
     """The body of one Ray task: train a pack (resuming if it was checkpointed) and store its results.
 
     With ``auto_pack`` the job's concepts are trained in consecutive packs of the largest size that
@@ -206,8 +220,23 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
     finishes what the first attempt did not. A pack trains its concepts together, so a plain pack
     with some results stored resumes as a whole from its checkpoint and stores only the missing ones;
     auto-packed sub-packs that were stored are skipped.
+
+    With ``claim`` the pack's results are claimed in the store first: while another run trains them,
+    this one waits and then returns that run's results (data-parallel workers are claimed for by
+    the task that drives them). A failure carries the last lines of this worker's log.
     """
     store = ResultStore(store_root)
+    with _LogTail() as tail:
+        try:
+            with store.claim([t.key for t in job.tasks]) if claim else contextlib.nullcontext():
+                return _train_missing(job, model, store, board, deepspeed, auto_pack)
+        except Exception as exc:
+            tail.attach(exc)
+            raise
+
+
+def _train_missing(job: Job, model: dict, store: ResultStore, board, deepspeed: dict | None,
+                   auto_pack: bool) -> list[dict]:
     found = {t.key: store.lookup(t.key) for t in job.tasks}
     stored = {key: result.to_dict() for key, result in found.items() if result is not None}
     todo = [t for t in job.tasks if t.key not in stored]
@@ -287,6 +316,46 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
         rows.append(store.put(row, membrane).to_dict())
     store.drop_checkpoint(job.job_id)
     return rows
+
+
+class _LogTail(logging.Handler):
+    """The last lines this process logged while a pack trained: Ray workers log to files of their own,
+    so a failure shown on the driver would otherwise hide them."""
+
+    LINES = 20
+
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=self.LINES)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.lines.extend(self.format(record).splitlines())
+
+    def __enter__(self) -> "_LogTail":
+        # this library's progress lines (INFO) are part of the story; other libraries log as configured
+        ours = logging.getLogger("spm_train")
+        self._level = ours.level
+        if ours.getEffectiveLevel() > logging.INFO:
+            ours.setLevel(logging.INFO)
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+        logging.getLogger("spm_train").setLevel(self._level)
+
+    def attach(self, exc: BaseException) -> None:
+        """Put the lines on the exception (``worker_log``); the driver shows them with the failure."""
+        with contextlib.suppress(Exception):
+            exc.worker_log = list(self.lines)
+
+
+def worker_log(exc: BaseException | None) -> list[str]:
+    """The worker's last log lines a failed pack's exception carries (empty when there are none)."""
+    lines = getattr(exc, "worker_log", None) or getattr(getattr(exc, "cause", None), "worker_log", None)
+    return list(lines or [])
 
 
 def _progress_board():
@@ -401,8 +470,8 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
                 except RayTaskError as exc:
                     cause = getattr(exc, "cause", None) or exc
                     if len(job.tasks) > 1:
-                        logger.warning("pack %s failed (%s); retrying its %d concepts one by one",
-                                       job.job_id[:8], first_line(cause), len(job.tasks))
+                        logger.warning("pack %s failed (%s); retrying its %d concepts one by one%s",
+                                       job.job_id[:8], first_line(cause), len(job.tasks), _log_text(cause))
                         for single in job.split():
                             bars.add(single)
                             pending[submit(single)] = single
@@ -420,8 +489,13 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
     return results
 
 
+def _log_text(exc: BaseException) -> str:
+    lines = worker_log(exc)
+    return "; the worker's last log lines:\n  " + "\n  ".join(lines) if lines else ""
+
+
 def _failed(job: Job, exc: BaseException) -> list[ConceptResult]:
     message = f"{type(exc).__name__}: {first_line(exc)}"
-    logger.error("job %s (%s) failed: %s", job.job_id[:8], ", ".join(job.names), message)
+    logger.error("job %s (%s) failed: %s%s", job.job_id[:8], ", ".join(job.names), message, _log_text(exc))
     return [ConceptResult(concept=t.concept.name, key=t.key, point=t.point, point_id=t.point_id, status="failed",
                           job_id=job.job_id, error=message) for t in job.tasks]

@@ -10,21 +10,24 @@ Bundle layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 from typing import Any, Iterable
 
-from ..io import atomic_output
+from ..io import atomic_output, current_umask
 from .blobs import sha256_file
 from .core import LATEST, Registry, RegistryError, Version, copy_verified, is_protected
-from .validate import ValidationReport
+from .validate import NOT_EVALUATED, ValidationReport
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "spm-membrane-bundle"
 BUNDLE_VERSION = 1
+IMAGE_NAME = "grid.png"
 
 
 # lineage entries that name folders of the machine that trained the membrane: not for a published card
@@ -120,19 +123,40 @@ def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None
     """Write the versions ``refs`` (default: every version) to ``directory``; returns the manifest path.
 
     Every blob is verified first: a tampered blob stops the export naming its version and both hashes.
+    The bundle is written to a temporary folder beside ``directory`` and renamed into place, so a
+    refused export leaves nothing behind; ``directory`` must not exist yet, or be empty.
     """
     versions = [registry.resolve(r) for r in refs] if refs else registry.versions()
-    os.makedirs(directory, exist_ok=True)
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise RegistryError(f"{directory} exists and is not an empty folder; export to a new folder")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is for sharing
+        manifest = _write_bundle(registry, versions, staging)
+        if os.path.isdir(directory):
+            os.rmdir(directory)  # empty (checked above); a rename cannot replace a folder
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("exported %d version(s) to %s", len(manifest["versions"]), directory)
+    return os.path.join(directory, "manifest.json")
+
+
+def _write_bundle(registry: Registry, versions: list[Version], directory: str) -> dict[str, Any]:
     entries = []
     for v in versions:
         sub = os.path.join(directory, v.concept, f"v{v.version}")
         os.makedirs(sub, exist_ok=True)
         copy_verified(registry, v, os.path.join(sub, "membrane.safetensors"))
-        image = registry.image_of(v)
+        image = registry.image_of(v)  # recorded here; never a path taken from lineage
         card_image = None
         if image:
-            shutil.copyfile(image, os.path.join(sub, "grid.png"))
-            card_image = "grid.png"
+            shutil.copyfile(image, os.path.join(sub, IMAGE_NAME))
+            card_image = IMAGE_NAME
         with atomic_output(os.path.join(sub, "README.md")) as tmp:
             with open(tmp, "w") as fh:
                 fh.write(model_card(v, card_image))
@@ -140,19 +164,21 @@ def export_bundle(registry: Registry, directory: str, refs: Iterable[str] | None
         entry["file"] = os.path.relpath(os.path.join(sub, "membrane.safetensors"), directory)
         entry["card"] = os.path.relpath(os.path.join(sub, "README.md"), directory)
         entries.append(entry)
-    manifest = os.path.join(directory, "manifest.json")
-    with open(manifest, "w") as fh:
-        json.dump({"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "source": registry.root,
-                   "versions": entries}, fh, indent=1, sort_keys=True, default=str)
-    logger.info("exported %d version(s) to %s", len(entries), directory)
+    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "source": registry.root,
+                "versions": entries}
+    with open(os.path.join(directory, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True, default=str)
     return manifest
 
 
 def import_bundle(registry: Registry, directory: str) -> list[Version]:
     """Register every version of a bundle after checking each file against the manifest's sha256.
 
-    Versions are numbered by the receiving registry (same bytes -> the existing version); aliases other
-    than ``latest`` come along, and ``production`` only where the version passed validation.
+    Versions are numbered by the receiving registry (same bytes -> the existing version). What a
+    bundle says about itself is provenance, not a verdict: each version's claimed validation is kept
+    in its lineage (``claimed_validation``) and the version is recorded as not validated here; aliases
+    other than ``latest`` come along, except protected ones (``production``), which are set here only.
+    The import is one transaction: a failure on any entry leaves the registry as it was.
     """
     path = os.path.join(directory, "manifest.json")
     try:
@@ -162,9 +188,10 @@ def import_bundle(registry: Registry, directory: str) -> list[Version]:
         raise RegistryError(f"{directory} is not a bundle (no manifest.json)") from None
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path} is not valid JSON ({exc})") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise RegistryError(f"{path}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    entries = manifest.get("versions", []) if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise RegistryError(f"{path}: format is {found!r}, expected {BUNDLE_FORMAT!r}")
+    entries = manifest.get("versions", [])
     if not isinstance(entries, list):
         raise RegistryError(f"{path}: 'versions' must be a list of entries")
     problems = [p for i, e in enumerate(entries) for p in _entry_problems(i, e, directory)]
@@ -179,26 +206,84 @@ def import_bundle(registry: Registry, directory: str) -> list[Version]:
                             f"manifest records {e['sha256']}")
     if problems:
         raise RegistryError("refusing to import: " + "; ".join(problems))
-    imported = []
-    for e in sorted(entries, key=lambda e: (e["concept"], e["version"])):
-        lineage = {**e.get("lineage", {}), "imported_from": f"{manifest.get('source', directory)} "
-                                                           f"{e['concept']}:v{e['version']}"}
-        v = registry.register(os.path.join(directory, e["file"]), concept=e["concept"],
-                              validation=ValidationReport.from_dict(e["validation"]) if e.get("validation") else None,
-                              lineage=lineage, metrics=e.get("metrics"))
-        new = v.new
-        for alias in e.get("aliases", []):
-            if alias == LATEST or (is_protected(alias) and v.status != "passed"):
-                continue
-            held = registry.index.alias(v.concept, alias)
-            if held is not None and held != v.version:  # the receiving registry's own choice stands
-                logger.warning("import: %s@%s stays on v%d here (the bundle puts it on %s)", v.concept, alias,
-                               held, v.ref)
-                continue
-            v = registry.promote(v.ref, alias, reason=f"imported from {directory}")
-        v.new = new
-        imported.append(v)
+    source = str(manifest.get("source", directory))
+    copied: list[str] = []
+    try:
+        with registry.transaction():
+            imported = [_import_entry(registry, e, directory, source, copied)
+                        for e in sorted(entries, key=lambda e: (e["concept"], e["version"]))]
+    except BaseException:
+        for image in copied:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(image)
+        raise
     return imported
+
+
+def _import_entry(registry: Registry, e: dict[str, Any], directory: str, source: str,
+                  copied: list[str]) -> Version:
+    claimed = e.get("validation") or {}
+    where = f"{source} {e['concept']}:v{e['version']}"
+    lineage = {**(e.get("lineage") or {}), "imported_from": where, "claimed_validation": claimed}
+    claim = ValidationReport.from_dict(claimed).status if claimed else "nothing"
+    report = ValidationReport(structural=NOT_EVALUATED, behavioural=NOT_EVALUATED,
+                              reasons=[f"imported from {where}; not validated here (the bundle claims {claim})"])
+    v = registry.register(os.path.join(directory, e["file"]), concept=e["concept"], validation=report,
+                          lineage=lineage, metrics=e.get("metrics"))
+    new = v.new
+    for alias in e.get("aliases", []):
+        if alias == LATEST:
+            continue
+        if is_protected(alias):
+            logger.warning("import: %s@%s is not taken from the bundle; validate %s here and promote it",
+                           v.concept, alias, v.ref)
+            continue
+        held = registry.index.alias(v.concept, alias)
+        if held is not None and held != v.version:  # the receiving registry's own choice stands
+            logger.warning("import: %s@%s stays on v%d here (the bundle puts it on %s)", v.concept, alias,
+                           held, v.ref)
+            continue
+        v = registry.promote(v.ref, alias, reason=f"imported from {directory}")
+    image = _bundle_image(directory, e)
+    if new and image:
+        kept = _keep_image(registry, image)
+        if kept:
+            copied.append(kept)
+        registry.record_image(v, kept or _image_path(registry, image), prompt="imported with the bundle")
+    v.new = new
+    return v
+
+
+def _bundle_image(directory: str, e: dict[str, Any]) -> str | None:
+    """The entry's before/after image when the bundle holds one: a regular file inside the bundle."""
+    image = os.path.join(directory, os.path.dirname(e["file"]), IMAGE_NAME)
+    inside = os.path.realpath(image)
+    root = os.path.realpath(directory)
+    if os.path.commonpath([inside, root]) != root or os.path.islink(image) or not os.path.isfile(image):
+        return None
+    return image
+
+
+def _image_path(registry: Registry, image: str) -> str:
+    return os.path.join(registry.root, "images", f"{sha256_file(image)}.png")
+
+
+def _keep_image(registry: Registry, image: str) -> str | None:
+    """Copy a bundle's image into the registry folder (named by its content); the path if it is new."""
+    dest = _image_path(registry, image)
+    if os.path.exists(dest):
+        return None
+    with atomic_output(dest) as tmp:
+        shutil.copyfile(image, tmp)
+    return dest
+
+
+def import_file(registry: Registry, path: str, concept: str) -> Version:
+    """Register one membrane file (ours, or one written by the official SPM code) as not validated here."""
+    report = ValidationReport(structural=NOT_EVALUATED, behavioural=NOT_EVALUATED,
+                              reasons=[f"imported from {os.path.abspath(path)}; not validated here"])
+    return registry.register(path, concept=concept, validation=report,
+                             lineage={"imported_from": os.path.abspath(path)})
 
 
 def _entry_problems(i: int, e: Any, directory: str) -> list[str]:

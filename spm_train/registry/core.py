@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..config import valid_name
-from ..errors import SPMError
-from ..membrane import Membrane, load_membrane
+from ..errors import MembraneFormatError, SPMError
+from ..membrane import OFFICIAL_SOURCE, Membrane, load_membrane
 from .blobs import BlobStore, sha256_bytes, sha256_file
 from .faults import pause_point
 from .index import Index, log_event
@@ -52,7 +52,7 @@ class IntegrityError(RegistryError):
                          "refusing to use it")
 
     def __reduce__(self):
-        return type(self), (self.concept, self.version, self.expected, self.actual, "")
+        return type(self), (self.concept, self.version, self.expected, self.actual, ""), self.__dict__
 
 
 @dataclass
@@ -108,6 +108,7 @@ class Registry:
         self.index = index
         self.blobs = blobs
         self.root = root
+        self._open_transaction: list[str] | None = None  # blobs this transaction put in place
 
     @classmethod
     def open(cls, root: str, blobs: str | None = None, create: bool = True) -> "Registry":
@@ -143,6 +144,44 @@ class Registry:
     def close(self) -> None:
         self.index.close()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """Registrations, promotions and image records inside the block take effect together or not at all.
+
+        The index is written in one SQLite transaction; blobs put in place by the block are removed again
+        when it fails (no other writer can have referenced them: the write lock is held throughout).
+        """
+        if self._open_transaction is not None:
+            raise RegistryError("a registry transaction is already open")
+        placed: list[str] = []
+        with self.index.write():
+            self._open_transaction = placed
+            try:
+                yield self
+            except BaseException:
+                for sha in placed:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.blobs.delete(sha)
+                raise
+            finally:
+                self._open_transaction = None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """The open transaction's connection, or a write transaction of its own."""
+        if self._open_transaction is not None:
+            yield self.index.conn
+        else:
+            with self.index.write() as conn:
+                yield conn
+
+    def _place_blob(self, staged) -> None:
+        """Commit a staged blob, noting it when a transaction that may roll back is open."""
+        new = self._open_transaction is not None and not self.blobs.exists(staged.sha256)
+        self.blobs.commit(staged)
+        if new:
+            self._open_transaction.append(staged.sha256)
+
     def __enter__(self) -> "Registry":
         return self
 
@@ -175,6 +214,9 @@ class Registry:
                 if concept not in known:
                     raise RegistryError(f"no concept {concept!r} in the registry at {self.root}"
                                         + (f" (known: {', '.join(known[:10])})" if known else ""))
+                if alias == LATEST:
+                    raise RegistryError(f"every version of {concept} failed validation, so it has no '{LATEST}'; "
+                                        f"name a version ({concept}:vN) to use a failed one")
                 have = ", ".join(a["alias"] for a in self.index.aliases(concept)) or "none"
                 raise RegistryError(f"{concept} has no alias {alias!r} (aliases: {have})")
         found = self._version(self.index.version(concept, version))
@@ -198,7 +240,10 @@ class Registry:
         """The membrane of ``ref``, verified against its recorded sha256."""
         version = ref if isinstance(ref, Version) else self.resolve(ref)
         with _as_file(self.read_verified(version), f"{version.concept}-v{version.version}") as path:
-            membrane = load_membrane(path)
+            try:
+                membrane = load_membrane(path)
+            except MembraneFormatError as exc:  # the temporary file's name means nothing to the user
+                raise MembraneFormatError(str(exc).replace(path, version.ref)) from None
         membrane.extra.setdefault("registry_ref", version.ref)
         return membrane
 
@@ -234,12 +279,12 @@ class Registry:
         sha = sha256_bytes(data)
         existing = self._by_hash(concept, sha)
         if existing is not None:
-            self._restore_blob(sha, data)
+            self.restore_blob(existing, data)
             return existing
         report = _recheck_structure(data, concept, report)
         staged = self.blobs.stage(data)
         try:
-            with self.index.write() as conn:
+            with self._writing() as conn:
                 row = conn.execute("SELECT version FROM versions WHERE concept = ? AND sha256 = ?",
                                    (concept, sha)).fetchone()
                 if row is not None:  # registered by another writer since we looked
@@ -254,32 +299,48 @@ class Registry:
                     "metrics, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (concept, number, sha, len(data), now, status, _json(report.to_dict()),
                      _json(dict(lineage or {})), _json({**report.metrics, **dict(metrics or {})}), _json(metadata)))
-                conn.execute("INSERT INTO aliases (concept, alias, version, updated) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (concept, alias) DO UPDATE SET version = excluded.version, "
-                             "updated = excluded.updated, forced = 0", (concept, LATEST, number, now))
+                if status != FAILED:  # `latest` names the newest version that did not fail validation
+                    conn.execute("INSERT INTO aliases (concept, alias, version, updated) VALUES (?, ?, ?, ?) "
+                                 "ON CONFLICT (concept, alias) DO UPDATE SET version = excluded.version, "
+                                 "updated = excluded.updated, forced = 0", (concept, LATEST, number, now))
                 log_event(conn, concept, number, "register", sha256=sha, status=status, reasons=report.reasons)
                 for alias in aliases:
                     if is_protected(alias) and status != PASSED:
                         logger.warning("%s:v%d is %s: not setting %r at registration", concept, number, status, alias)
                         continue
                     self._set_alias(conn, concept, number, status, alias, force=False, note="set at registration")
-                self.blobs.commit(staged)  # the blob is in place before the row becomes visible
+                self._place_blob(staged)  # the blob is in place before the row becomes visible
                 pause_point("before-index-commit")
         except BaseException:
             self.blobs.discard(staged)
             raise
         version = self.resolve(f"{concept}:v{number}")
         version.new = True
-        logger.info("registered %s (%s, sha256 %s)", version.ref, version.status, sha[:12])
+        log = logger.warning if status == FAILED else logger.info
+        log("registered %s (%s, sha256 %s)%s", version.ref, version.status, sha[:12],
+            "; `latest` stays where it was" if status == FAILED else "")
         return version
 
-    def _restore_blob(self, sha: str, data: bytes) -> None:
-        """Put the registered bytes back when the stored blob went missing or was altered."""
-        if self.blobs.exists(sha) and self.blobs.hash_of(sha) == sha:
-            return
-        logger.warning("blob %s was missing or altered; restoring it from the bytes being registered",
-                       self.blobs.url_of(sha))
+    def blob_problem(self, version: Version) -> str | None:
+        """What is wrong with ``version``'s stored blob (missing, or altered), or None when it is intact."""
+        url = self.blobs.url_of(version.sha256)
+        if not self.blobs.exists(version.sha256):
+            return f"{version.ref}: blob {url} is missing"
+        actual = self.blobs.hash_of(version.sha256)
+        if actual != version.sha256:
+            return f"{version.ref}: blob {url} has sha256 {actual}, registry recorded {version.sha256}"
+        return None
+
+    def restore_blob(self, version: Version, data: bytes) -> bool:
+        """Put ``version``'s bytes back when its stored blob went missing or was altered; True if it did."""
+        if sha256_bytes(data) != version.sha256:
+            raise RegistryError(f"{version.ref}: the bytes offered to restore its blob have another sha256")
+        problem = self.blob_problem(version)
+        if problem is None:
+            return False
+        logger.warning("%s; restoring it from the same bytes", problem)
         self.blobs.commit(self.blobs.stage(data))
+        return True
 
     def find(self, concept: str, sha256: str) -> Version | None:
         """The version of ``concept`` holding exactly these bytes, if any."""
@@ -297,7 +358,8 @@ class Registry:
         promotion is marked on the alias and written to the event log with ``reason``.
         """
         version = self.resolve(ref)
-        with self.index.write() as conn:
+        self.read_verified(version)  # an alias on a missing or altered blob would only fail at use
+        with self._writing() as conn:
             self._set_alias(conn, version.concept, version.version, version.status, alias, force, reason)
         logger.info("%s -> %s@%s%s", version.ref, version.concept, alias, " (forced)" if force else "")
         return self.resolve(f"{version.concept}:v{version.version}")
@@ -340,36 +402,37 @@ class Registry:
     def record_image(self, ref: str | Version, path: str, prompt: str = "") -> None:
         """Note a before/after image made with this version (shown in its exported model card)."""
         version = ref if isinstance(ref, Version) else self.resolve(ref)
-        with self.index.write() as conn:
+        with self._writing() as conn:
             log_event(conn, version.concept, version.version, "image", path=os.path.abspath(path), prompt=prompt)
 
     def image_of(self, version: Version) -> str | None:
-        """The newest recorded image of ``version`` that still exists (lineage ``image`` first)."""
-        candidates = [version.lineage.get("image")]
-        candidates += [e["detail"].get("path") for e in reversed(self.index.events(version.concept))
-                       if e["action"] == "image" and e["version"] == version.version]
+        """The newest image recorded here for ``version`` that still exists.
+
+        Only images recorded by this registry count: lineage comes with imported bundles and is data,
+        never a path to open (a bundle naming ``~/.ssh/id_rsa`` would have it copied into the next export).
+        """
+        candidates = [e["detail"].get("path") for e in reversed(self.index.events(version.concept))
+                      if e["action"] == "image" and e["version"] == version.version]
         return next((c for c in candidates if c and os.path.exists(c)), None)
 
     # -- maintenance ----------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Re-hash every version's blob and check the index; returns the problems (empty: all sound)."""
         problems = list(self.index.integrity_check())
-        for v in self.versions():
-            if not self.blobs.exists(v.sha256):
-                problems.append(f"{v.ref}: blob {self.blobs.url_of(v.sha256)} is missing")
-                continue
-            actual = self.blobs.hash_of(v.sha256)
-            if actual != v.sha256:
-                problems.append(f"{v.ref}: blob {self.blobs.url_of(v.sha256)} has sha256 {actual}, "
-                                f"registry recorded {v.sha256}")
-        by_concept: dict[str, list[int]] = {}
-        for v in self.versions():
-            by_concept.setdefault(v.concept, []).append(v.version)
-        for concept, numbers in by_concept.items():
-            if sorted(numbers) != list(range(1, len(numbers) + 1)):
-                problems.append(f"{concept}: versions are not v1..v{len(numbers)}: {sorted(numbers)}")
-            if self.index.alias(concept, LATEST) != max(numbers):
-                problems.append(f"{concept}: 'latest' is not v{max(numbers)}")
+        versions = self.versions()
+        problems += [p for p in map(self.blob_problem, versions) if p]
+        by_concept: dict[str, list[Version]] = {}
+        for v in versions:
+            by_concept.setdefault(v.concept, []).append(v)
+        for concept, found in by_concept.items():
+            numbers = sorted(v.version for v in found)
+            if numbers != list(range(1, len(numbers) + 1)):
+                problems.append(f"{concept}: versions are not v1..v{len(numbers)}: {numbers}")
+            usable = [v.version for v in found if v.status != FAILED]
+            expected = max(usable) if usable else None
+            if self.index.alias(concept, LATEST) != expected:
+                problems.append(f"{concept}: 'latest' is not " + (f"v{expected}" if expected else
+                                                                  "absent (every version failed validation)"))
         return problems
 
     def gc(self, dry_run: bool = False, temporaries_older_than_s: float = 3600.0) -> list[str]:
@@ -447,11 +510,13 @@ def _recheck_structure(data: bytes, concept: str, report: ValidationReport) -> V
     problems, is recorded as structurally failed; a membrane of another concept is refused."""
     with _as_file(data) as path:
         membrane, problems = check_structure(path)
-    if membrane is not None and membrane.name != concept:
+    official = membrane is not None and membrane.extra.get("source_format") == OFFICIAL_SOURCE
+    if membrane is not None and membrane.name != concept and not official:  # official files carry no name
         raise RegistryError(f"the file is membrane {membrane.name!r} (erasing {', '.join(membrane.concepts) or '?'}); "
                             f"refusing to register it as {concept!r}")
     if not problems or report.structural == FAILED:
         return report
+    problems = [p.replace(path, "the file") for p in problems]  # a temporary name means nothing to the reader
     return dataclasses.replace(report, structural=FAILED,
                                reasons=[*report.reasons, *(f"at registration: {p}" for p in problems)])
 

@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import time
+import uuid
 from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
@@ -62,42 +63,33 @@ BEGIN SELECT RAISE(ABORT, 'registry versions cannot be deleted'); END;
 JSON_COLUMNS = ("validation", "lineage", "metrics", "metadata")
 
 
-def _retry_locked(fn, attempts: int = 50):
-    """Setting WAL mode and creating tables can meet SQLITE_BUSY before the busy handler applies."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or i == attempts - 1:
-                raise
-            time.sleep(0.05 * (1 + i % 5))
-
-
 class Index:
     def __init__(self, path: str, create: bool = True):
         """Open the index at ``path``; ``create`` makes the schema (a write), otherwise the index must
         exist and opening takes no lock, so reads go on while another process writes."""
         self.path = os.path.abspath(path)
-        if create:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                    check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        if create:
-            _retry_locked(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))  # persists in the file
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            _retry_locked(self._create)
-        elif self.get_meta("schema_version") is None:
+        if create and not os.path.exists(self.path):
+            _create_file(self.path)
+        if not os.path.isfile(self.path):
+            raise sqlite3.DatabaseError("there is no index file")
+        if os.path.getsize(self.path) == 0:
+            # SQLite would take an empty file for a new database, and the registry's history would vanish
+            raise sqlite3.DatabaseError("the index file is empty (0 bytes)")
+        self.conn = self._connect(self.path)
+        if self.get_meta("schema_version") is None:
+            self.conn.close()
             raise sqlite3.DatabaseError("the index has no schema version")
+        if create:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
 
-    def _create(self) -> None:
-        with self.write():
-            for statement in _split(_SCHEMA):
-                self.conn.execute(statement)
-            self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                              (SCHEMA_VERSION,))
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
 
     def close(self) -> None:
         self.conn.close()
@@ -179,6 +171,36 @@ class Index:
         problems += [f"alias row {tuple(r)} points to a missing version"
                      for r in self.conn.execute("PRAGMA foreign_key_check").fetchall()]
         return problems
+
+
+def _create_file(path: str) -> None:
+    """Make a new index under a temporary name and link it into place, so that no process ever sees
+    an index without its schema (an empty file at ``path`` is refused, never taken for a new registry).
+    Of several processes creating one registry at once, the first link wins and the others use it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")  # persists in the file
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _split(_SCHEMA):
+                conn.execute(statement)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links: a rename, unless another process was first
+            if not os.path.exists(path):
+                os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
 
 
 def _split(script: str) -> list[str]:

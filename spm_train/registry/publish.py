@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from ..tracking import NullTracker, open_tracker
 from .blobs import sha256_file
 from .core import Registry, Version
-from .validate import Gates, load_evaluator, validate
+from .validate import FAILED, Gates, load_evaluator, validate
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
     candidate = cfg.get("candidate_alias")
     checked = {}  # result key -> (version already registered, or None; membrane; validation report)
     for r in results:
-        if r.status == "failed" or not r.membrane:
+        if not r.membrane:  # training failed (a failed validation keeps its membrane and is looked up again)
             continue
         version = reg.find(r.concept, sha256_file(r.membrane))
         if version is not None:
@@ -138,6 +138,11 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
                 r.metrics.update(report.metrics)
         else:
             logger.info("%s already registered as %s", r.membrane, version.ref)
+            reg.restore_blob(version, _read_bytes(r.membrane))  # repairs (and reports) a missing or altered blob
+        if version.status == FAILED:  # the summary and the exit code count it as failed
+            reasons = "; ".join(version.validation.get("reasons", [])) or "validation failed"
+            r.status, r.error = "failed", f"registered as {version.ref}, which failed validation: {reasons}"
+            logger.error("%s: %s", r.concept, r.error)
         publication.versions[r.key] = version
         tracker.log_metrics({**version.metrics, "validation_passed": float(version.status == "passed")},
                             prefix=f"eval/{r.concept}/{r.point_id}")
@@ -193,6 +198,14 @@ def hub_id_of(model: Mapping[str, Any]) -> str | None:
         return str(model["hub_id"])
     source = str(model.get("source") or "")
     return source if _HUB_ID.fullmatch(source) and not os.path.exists(source) else None
+
+
+def _read_bytes(url: str) -> bytes:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as fh:
+        return fh.read()
 
 
 def registry_gates(cfg: Mapping[str, Any], concept: str) -> Gates:

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from ..errors import ConfigError, IncompatibleMembraneError, MembraneFormatError
-from ..membrane import FORMAT_VERSION, Membrane, MembraneBank, layout_id, load_membrane, validate_weights
+from ..membrane import (FORMAT_VERSION, OFFICIAL_SOURCE, Membrane, MembraneBank, layout_id, load_membrane,
+                        validate_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -114,15 +115,17 @@ def _metadata_problems(m: Membrane) -> list[str]:
         problems.append("metadata: no concepts")
     if not m.family or m.family == "unknown":
         problems.append("metadata: family unknown")
-    if not m.base_fingerprint:
+    # the official code records none of these; with a base model the layout check attaches the layers
+    official = m.extra.get("source_format") == OFFICIAL_SOURCE
+    if not m.base_fingerprint and not official:
         problems.append("metadata: no base fingerprint")
-    if not m.layout:
+    if not m.layout and not official:
         problems.append("metadata: no layout id")
     if not isinstance(m.rank, int) or m.rank <= 0:
         problems.append(f"metadata: rank {m.rank!r} is not a positive integer")
     if not math.isfinite(m.alpha) or m.alpha <= 0:
         problems.append(f"metadata: alpha {m.alpha!r} is not a positive finite number")
-    if not m.trainer:
+    if not m.trainer and not official:
         problems.append("metadata: no trainer config")
     if m.extra.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         problems.append(f"metadata: format version {m.extra['format_version']} != {FORMAT_VERSION}")

@@ -44,10 +44,12 @@ def test_publish_registers_validates_and_logs_to_an_offline_wandb_run(tmp_path, 
                   root=str(tmp_path), run_config={"concepts": {"name": "t"}}, run_dir=str(tmp_path / "run"))
     first = publish_results(results, **kwargs)
     reg = Registry.open(tmp_path / "reg")
-    snoopy, cat = reg.resolve("snoopy"), reg.resolve("cat")
+    snoopy, cat = reg.resolve("snoopy"), reg.resolve("cat:v1")
     assert (snoopy.status, cat.status) == ("passed", "failed")  # cat's own gate: 0.9 < 0.95
     assert cat.validation["reasons"] == ["erasure_rate 0.9 < min_erasure 0.95"]
-    assert snoopy.aliases == ["candidate", "latest"] and cat.aliases == ["latest"]
+    assert snoopy.aliases == ["candidate", "latest"] and cat.aliases == []  # `latest` never names a failure
+    # a failed registration is a failed result: the summary and the exit code count it
+    assert results[1].status == "failed" and "cat:v1, which failed validation: erasure_rate 0.9" in results[1].error
     lineage = snoopy.lineage
     assert lineage["base_fingerprint"] == base_info["fingerprint"] and lineage["config_hash"] == "key-snoopy-default"
     assert lineage["seed"] == 0 and lineage["wandb_run_id"] == first.wandb_run_id  # seed from the file's header

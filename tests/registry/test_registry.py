@@ -187,7 +187,8 @@ def test_promoting_a_failed_version_needs_force_and_the_force_is_recorded(tmp_pa
     assert ok.returncode == 0 and "(forced)" in ok.stdout
     listing = json.loads(run_cli("--root", root, "list", "--json").stdout)
     assert {(v["ref"], v["status"]) for v in listing} == {("snoopy:v1", "passed"), ("snoopy:v2", "failed")}
-    assert [v["aliases"] for v in listing if v["ref"] == "snoopy:v2"][0] == ["candidate", "latest", "production"]
+    assert [v["aliases"] for v in listing if v["ref"] == "snoopy:v2"][0] == ["candidate", "production"]
+    assert reg.resolve("snoopy@latest").ref == "snoopy:v1"  # `latest` never moves to a failed version
 
 
 def test_versions_are_immutable_and_registration_is_idempotent(tmp_path, membrane_file):
@@ -230,8 +231,14 @@ def test_export_import_roundtrip_with_model_cards_and_gc(tmp_path, membrane_file
     other = Registry.open(tmp_path / "other")
     imported = import_bundle(other, str(bundle))
     assert [(v.ref, v.new) for v in imported] == [("cat:v1", True), ("snoopy:v1", True)]
-    assert other.resolve("snoopy@production").sha256 == v1.sha256
-    assert other.resolve("cat:v1").status == "failed" and "production" not in other.resolve("cat:v1").aliases
+    # a bundle's verdicts are provenance: not validated here, and no production alias from a bundle
+    snoopy = other.resolve("snoopy:v1")
+    assert snoopy.sha256 == v1.sha256 and snoopy.status == "not_validated" and "production" not in snoopy.aliases
+    assert snoopy.lineage["claimed_validation"]["status"] == "passed"
+    assert other.resolve("cat:v1").lineage["claimed_validation"]["status"] == "failed"
+    # the bundle's own image comes along, copied into the receiving registry
+    image = other.image_of(snoopy)
+    assert image.startswith(str(tmp_path / "other")) and _sha(image) == _sha(bundle / "snoopy" / "v1" / "grid.png")
     assert [v.new for v in import_bundle(other, str(bundle))] == [False, False]  # nothing twice
 
     # a bundle file altered after export is refused before anything is imported

@@ -71,13 +71,13 @@ def test_protected_aliases_ignore_case_and_aliases_can_be_removed(tmp_path, memb
     reg = Registry.open(tmp_path / "reg")
     failed = ValidationReport(structural="passed", behavioural="failed", reasons=["too weak"])
     v = reg.register(membrane_file("snoopy", 0), concept="snoopy", validation=failed, aliases=("Production",))
-    assert v.aliases == ["latest"]  # registered; the protected alias skipped, not the registration
+    assert v.aliases == []  # registered; the protected alias skipped (and `latest`: it failed), not the registration
     with pytest.raises(RegistryError, match="refusing to promote snoopy:v1 to Production"):
         reg.promote(v.ref, "Production")
     reg.promote(v.ref, "candidate")
     root = str(tmp_path / "reg")
     assert run_cli("--root", root, "unalias", "snoopy", "candidate").returncode == 0
-    assert reg.resolve("snoopy:v1").aliases == ["latest"]
+    assert reg.resolve("snoopy:v1").aliases == []
     gone = run_cli("--root", root, "unalias", "snoopy", "candidate")
     assert gone.returncode == 2 and "has no alias 'candidate'" in gone.stderr
     assert [e["action"] for e in reg.index.events("snoopy")][-1] == "unalias"
