@@ -38,14 +38,14 @@ class BenchmarkConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
     packs: List[int] = field(default_factory=lambda: [1, 4, 8])
-    concept_iterations: int = 24
+    concept_iterations: int = 16
     warmup: int = 1
     baseline_precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     fast_precision: Optional[str] = None
     micro_batch: int = 0
     fit_pack: bool = False
     fit_pack_limit: int = 64
-    flops: bool = True
+    flops: bool = False
     flop_iterations: Optional[int] = 1
     profile: bool = False
     fast_base_dtype: Optional[str] = None

@@ -243,9 +243,9 @@ def _concepts(k: int) -> list[ConceptSpec]:
 
 
 def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8), *,
-                  concept_iterations: int = 24, warmup: int = 1,
+                  concept_iterations: int = 16, warmup: int = 1,
                   baseline_precisions: Sequence[str] = ("fp32", "bf16"), fast_precision: str | None = None,
-                  micro_batch: int = 0, count_flops: bool = True, flop_iterations: int | None = 1,
+                  micro_batch: int = 0, count_flops: bool = False, flop_iterations: int | None = 1,
                   skipped: list[dict] | None = None, profile_dir: str | None = None,
                   fast_base_dtype: torch.dtype | None = None) -> list[Measurement]:
     """Time the paper's loop (K = 1) in each of ``baseline_precisions`` and the packed fast path at each K
@@ -419,7 +419,7 @@ def format_table(rows: Sequence[Measurement]) -> str:
             r.name, str(r.pack_size), r.precision, str(r.iterations), f"{r.mean_t_to:.2f}",
             f"{r.seconds_per_iteration:.4f}", f"{r.seconds_per_concept_iteration:.4f}",
             f"{r.concepts_per_hour:.2f}", "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.1f}",
-            "-" if r.tflops is None else f"{r.tflops:.2f}",
+            "-" if r.tflops is None else f"{r.tflops:.3g}",
             "-" if r.speedup is None else f"{r.speedup:.2f}x",
         ]))
     return "\n".join(lines)

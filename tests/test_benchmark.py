@@ -19,7 +19,7 @@ def test_training_benchmark_reports_every_path_on_the_same_lengths(tmp_path):
     from pipelines.benchmark import main
 
     cfg = _cfg(tmp_path, "model.source=random:sd1", "packs=[1,2]", "concept_iterations=2", "warmup=0",
-               "trainer.max_denoising_steps=4", "profile=true")
+               "trainer.max_denoising_steps=4", "flops=true", "profile=true")
     main.__wrapped__(cfg)
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
