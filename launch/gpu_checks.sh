@@ -111,7 +111,7 @@ for name in $stages; do
       stage "GPU tests" "${TEST_SECONDS:-300}" $python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py ;;
     toyworld)
       stage "benchmark: ToyWorld" "${TOY_SECONDS:-90}" \
-        $python -m pipelines.benchmark packs=[1,8,32] out="$out/benchmark_toyworld.json" \
+        $python -m pipelines.benchmark packs=[1,8,32] concept_iterations=32 out="$out/benchmark_toyworld.json" \
         hydra.run.dir="$scratch/hydra_toyworld" ;;
     build)
       # what is left of TOTAL_SECONDS (if set): about 150 s go to rendering, the VAE and the quality
@@ -136,6 +136,6 @@ done
 
 # every benchmark's rows and headline, in one place at the end of the log
 echo "=== summary: $failed failed stage(s)" | tee -a "$log"
-grep -E "^(=== |path \||paper loop \||packed \||best pack)" "$log" > "$log.summary"
+grep -E "^(=== |path \||paper loop \||packed \||K = [0-9]+ in )" "$log" > "$log.summary"
 tee -a "$log" < "$log.summary" && rm -f "$log.summary"
 exit "$failed"

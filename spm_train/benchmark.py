@@ -360,19 +360,23 @@ class Gains:
         return asdict(self)
 
     def text(self) -> str:
+        """One line: the best pack against the fp32 paper loop, then the factors it is the product of."""
         def x(value):
             return "-" if value is None else f"{value:.2f}x"
 
-        p = self.packs_precision
-        if self.best_pack_size is None:
+        p, k = self.packs_precision, self.best_pack_size
+        if k is None:
             return "no pack was timed"
-        parts = [f"best pack K = {self.best_pack_size} ({p}): {x(self.vs_paper_fp32)} the fp32 paper loop, "
-                 f"{x(self.vs_paper_same_precision)} the paper loop in {p}",
-                 f"packing {x(self.packing)} (K = {self.best_pack_size} over K = 1, both {p})",
-                 f"fast path at K = 1 {x(self.fast_path)} the paper loop in {p}"]
-        parts += [f"precision: the paper loop in {name} {x(value)} its fp32 speed"
-                  for name, value in self.precision.items()]
-        return "; ".join(parts)
+        own = self.precision.get(p)  # precision's gain when the packs run in a precision the paper loop ran in
+        factors = ([f"precision {x(own)} (the paper loop in {p} over fp32)"] if own is not None else []) + [
+            f"fast path {x(self.fast_path)} (K = 1 over the paper loop, both {p})",
+            f"packing {x(self.packing)} (K = {k} over K = 1)"]
+        text = f"K = {k} in {p}: {x(self.vs_paper_fp32)} the fp32 paper loop = " + " * ".join(factors)
+        if p != "fp32":
+            text += f"; {x(self.vs_paper_same_precision)} the paper loop in {p}"
+        apart = [f"the paper loop in {name} runs {x(value)} its fp32 speed"
+                 for name, value in self.precision.items() if name != p]
+        return text + ("; precision apart: " + ", ".join(apart) if apart else "")
 
 
 def gains(rows: Sequence[Measurement]) -> Gains:

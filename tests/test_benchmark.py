@@ -134,8 +134,14 @@ def test_the_headline_states_packing_and_precision_apart():
     assert g.precision == {"bf16": pytest.approx(1.25)}
     assert g.vs_paper_fp32 == pytest.approx(10.0) and g.vs_paper_same_precision == pytest.approx(8.0)
     assert g.vs_paper_fp32 == pytest.approx(g.precision["bf16"] * g.fast_path * g.packing)
-    text = g.text()
-    assert "packing 5.00x (K = 32 over K = 1, both bf16)" in text and "bf16 1.25x its fp32 speed" in text
+    assert g.text() == ("K = 32 in bf16: 10.00x the fp32 paper loop = precision 1.25x (the paper loop in bf16 "
+                        "over fp32) * fast path 1.60x (K = 1 over the paper loop, both bf16) * packing 5.00x "
+                        "(K = 32 over K = 1); 8.00x the paper loop in bf16")
+    # packs in fp32 (a CPU): precision's gain stands apart from the product
+    fp32_packs = [rows[0], rows[1], row("packed", 1, "fp32", 1.6), row("packed", 4, "fp32", 0.8)]
+    assert gains(fp32_packs).text() == (
+        "K = 4 in fp32: 2.50x the fp32 paper loop = fast path 1.25x (K = 1 over the paper loop, both fp32) * "
+        "packing 2.00x (K = 4 over K = 1); precision apart: the paper loop in bf16 runs 1.25x its fp32 speed")
     # packs in a precision the paper loop did not run in: no same-precision factors, nothing made up
     g = gains([rows[0], row("packed", 1, "fp16", 1.0), row("packed", 4, "fp16", 0.5)])
     assert g.fast_path is None and g.vs_paper_same_precision is None and g.packing == pytest.approx(2.0)
