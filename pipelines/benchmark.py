@@ -1,7 +1,7 @@
 """Throughput benchmark: the paper's loop and the packed fast path, measured in one process.
 
-    python -m pipelines.benchmark                                         # ToyWorld, this machine (~1 min on 2 cores)
-    python -m pipelines.benchmark preset=gpu                              # SD 1.5 architecture at 512 px, on a GPU
+    python -m pipelines.benchmark                                         # ToyWorld: ~1 min on 2 cores
+    python -m pipelines.benchmark preset=gpu                              # SD 1.5 at 512 px, on a GPU
     python -m pipelines.benchmark model.source=arch:sd15 packs=[1,8,16,32] # SD 1.5 architecture, random weights
     python -m pipelines.benchmark mode=orchestration jobs=1000            # Ray scheduling overhead
     python -m pipelines.benchmark mode=flops model.source=arch:sd15 packs=[8,32] trainer.resolution=512
@@ -91,8 +91,8 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
             packs.append(fitted)
     rows = run_benchmark(pipe, trainer, packs, concept_iterations=cfg.concept_iterations, warmup=cfg.warmup,
                          baseline_precisions=list(cfg.baseline_precisions), fast_precision=cfg.fast_precision,
-                         micro_batch=cfg.micro_batch, count_flops=cfg.flops, flop_iterations=cfg.flop_iterations,
-                         skipped=skipped,
+                         micro_batch=cfg.micro_batch, count_flops=cfg.flops,
+                         flop_iterations=cfg.flop_iterations, skipped=skipped,
                          profile_dir=os.path.dirname(os.path.abspath(cfg.out)) if cfg.profile else None,
                          fast_base_dtype=fast_base_dtype)
     headline = gains(rows)

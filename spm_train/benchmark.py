@@ -59,7 +59,8 @@ class PairedLengths:
 
     def __init__(self, max_steps: int, block: int, seed: int = 0):
         if max_steps < 2 or block < 1:
-            raise ConfigError("paired lengths", [f"need max_steps >= 2 and block >= 1, got {max_steps}, {block}"])
+            raise ConfigError("paired lengths",
+                              [f"need max_steps >= 2 and block >= 1, got {max_steps} and {block}"])
         self.max_steps, self.block = max_steps, block
         self._generator = torch.Generator().manual_seed(seed)
         self._lengths: list[int] = []
@@ -107,8 +108,8 @@ class _Timing:
     tflops: float | None
 
 
-def _measure(step: Callable[[], object], runner, lengths: PairedLengths, device: torch.device, iterations: int,
-             warmup: int, count_flops: bool, flop_iterations: int | None = None) -> _Timing:
+def _measure(step: Callable[[], object], runner, lengths: PairedLengths, device: torch.device,
+             iterations: int, warmup: int, count_flops: bool, flop_iterations: int | None = None) -> _Timing:
     """Time ``iterations`` steps of ``runner`` after ``warmup`` untimed ones, all reading ``lengths`` from its
     start (the warm-up sees the shapes the timed iterations will). With ``count_flops``, the first
     ``flop_iterations`` timed iterations (all when None) run again under the flop counter on the same draws:
@@ -249,7 +250,8 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
                   skipped: list[dict] | None = None, profile_dir: str | None = None,
                   fast_base_dtype: torch.dtype | None = None) -> list[Measurement]:
     """Time the paper's loop (K = 1) in each of ``baseline_precisions`` and the packed fast path at each K
-    in ``fast_precision``, on ``pipe``'s device, every path on the same trajectory lengths (``PairedLengths``).
+    in ``fast_precision``, on ``pipe``'s device, every path on the same trajectory lengths
+    (``PairedLengths``).
 
     Each path times ``concept_iterations`` concept-iterations: the paper loop and K = 1 that many
     iterations, a pack of K ``ceil(concept_iterations / K)`` (a K that divides it trains on exactly the
@@ -296,8 +298,8 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     for precision in baseline_precisions:
         loop = PaperLoop(pipe, _concepts(1)[0], trainer.replace(precision=precision))
         try:
-            record("paper loop", 1, precision, pipe, _measure(loop.step, loop, lengths, device, concept_iterations,
-                                                              warmup, count_flops, flop_iterations))
+            record("paper loop", 1, precision, pipe, _measure(
+                loop.step, loop, lengths, device, concept_iterations, warmup, count_flops, flop_iterations))
         finally:
             loop.close()
     for k in packs:
@@ -367,7 +369,7 @@ class Gains:
         p, k = self.packs_precision, self.best_pack_size
         if k is None:
             return "no pack was timed"
-        own = self.precision.get(p)  # precision's gain when the packs run in a precision the paper loop ran in
+        own = self.precision.get(p)  # precision's gain, when the paper loop also ran in the packs' precision
         factors = ([f"precision {x(own)} (the paper loop in {p} over fp32)"] if own is not None else []) + [
             f"fast path {x(self.fast_path)} (K = 1 over the paper loop, both {p})",
             f"packing {x(self.packing)} (K = {k} over K = 1)"]

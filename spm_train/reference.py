@@ -1,7 +1,7 @@
 """The paper's training loop as published, kept as the baseline the fast path is measured against.
 
-One concept per process, batch 1, fp32 (or under the trainer's autocast precision, to time precision's gain
-apart from packing's), and the reference code's habits: every guidance-1 prediction
+One concept per process, batch 1, fp32 (or under the trainer's autocast precision, to time precision's
+gain apart from packing's), and the reference code's habits: every guidance-1 prediction
 (positive, neutral, target, anchors) runs a full classifier-free-guidance batch whose unconditional half
 does not change the result; anchors are drawn one at a time with a host sync each; predictions are moved
 to the host for the loss; the loss is read back every step. The losses and the membrane are the same as
@@ -58,8 +58,9 @@ class PaperLoop:
         n = cond.hidden.shape[0]
         x = torch.cat([latents.expand(n, -1, -1, -1)] * 2)
         embeds = PromptEmbeds.cat([self.uncond.repeat(n), cond])
+        timesteps = torch.full((2 * n,), int(t), device=self.device)
         with self.autocast:
-            out = self.model.predict(x, torch.full((2 * n,), int(t), device=self.device), embeds, self.resolution)
+            out = self.model.predict(x, timesteps, embeds, self.resolution)
         uncond, cond_out = out.float().chunk(2)  # guidance, DDIM and the loss in fp32, as the fast path does
         return uncond + guidance * (cond_out - uncond)
 

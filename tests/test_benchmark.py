@@ -24,7 +24,8 @@ def test_training_benchmark_reports_every_path_on_the_same_lengths(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
     assert [(r["name"], r["pack_size"], r["precision"], r["iterations"]) for r in rows] == [
-        ("paper loop", 1, "fp32", 2), ("paper loop", 1, "bf16", 2), ("packed", 1, "fp32", 2), ("packed", 2, "fp32", 1)]
+        ("paper loop", 1, "fp32", 2), ("paper loop", 1, "bf16", 2), ("packed", 1, "fp32", 2),
+        ("packed", 2, "fp32", 1)]
     # 2 concept-iterations per path, and 2 divides by every K: every row trained on the same two lengths
     assert len(report["lengths"]) == 2 and all(1 <= t < 4 for t in report["lengths"])
     assert {r["mean_t_to"] for r in rows} == {sum(report["lengths"]) / 2}
@@ -179,8 +180,8 @@ def test_packs_can_train_on_a_bf16_copy_while_the_paper_loop_keeps_fp32():
 
     pipe = tiny_pipeline("sd1")
     trainer = TrainerConfig.preset("smoke", max_denoising_steps=3)
-    rows = run_benchmark(pipe, trainer, packs=[2], concept_iterations=2, warmup=0, baseline_precisions=["fp32"],
-                         fast_precision="fp32", count_flops=False, fast_base_dtype=torch.bfloat16)
+    rows = run_benchmark(pipe, trainer, packs=[2], concept_iterations=2, warmup=0,
+                         baseline_precisions=["fp32"], fast_precision="fp32", fast_base_dtype=torch.bfloat16)
     assert [(r.name, r.precision) for r in rows] == [("paper loop", "fp32"),
                                                       ("packed", "bfloat16 base, no autocast")]
     assert pipe.unet.dtype == torch.float32
@@ -201,6 +202,7 @@ def test_a_bad_benchmark_setting_is_one_clear_message(tmp_path, caplog):
     (["concept_iterations=0"], "concept_iterations=0: at least 1"),
     (["baseline_precisions=[fp32,fp64]"], "precision(s) ['fp64'] not among"),
     (["fast_precision=half"], "precision(s) ['half'] not among"),
+    (["fit_pack_limit=0", "warmup=-1"], "warmup=-1: at least 0; fit_pack_limit=0: at least 1"),
     (["packs=[]"], "packs=[]: one or more pack sizes >= 1"),
     (["mode=flops", "packs=[-1]"], "packs=[-1]: one or more pack sizes >= 1"),
 ])
