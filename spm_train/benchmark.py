@@ -273,6 +273,10 @@ def run_benchmark(pipe, trainer: TrainerConfig, packs: Sequence[int] = (1, 4, 8)
     if baseline_precisions and pipe.unet.dtype != torch.float32:
         logger.warning("the base is %s: the paper-loop rows run on %s weights, not the paper's fp32",
                        pipe.unet.dtype, pipe.unet.dtype)
+    uneven = [k for k in packs if concept_iterations % k]
+    if uneven:
+        logger.warning("concept_iterations=%d does not divide by K = %s: those packs train on more lengths than "
+                       "the other paths (their rows' mean t_to shows it)", concept_iterations, uneven)
     lengths = PairedLengths(trainer.max_denoising_steps, concept_iterations, trainer.seed)
     fast_pipe = pipe
     if fast_base_dtype is not None and fast_base_dtype != pipe.unet.dtype:

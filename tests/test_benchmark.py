@@ -49,6 +49,20 @@ def test_training_benchmark_reports_every_path_on_the_same_lengths(tmp_path):
     assert "aten::bmm" in text.split("\n\n", 1)[1]  # the membranes' gathered branches
 
 
+# a parameter id "gpu" would count as the gpu marker and skip the test where there is no CUDA device
+@pytest.mark.parametrize("preset", ["none", "gpu"], ids=["default", "quick-gpu-preset"])
+def test_the_shipped_settings_give_every_row_the_same_lengths(tmp_path, preset):
+    """The default and the GPU preset time a number of concept-iterations that every pack size divides."""
+    from pipelines.benchmark import setting_problems
+
+    cfg = _cfg(tmp_path, f"preset={preset}")
+    assert setting_problems(cfg) == []
+    assert all(cfg.concept_iterations % k == 0 for k in cfg.packs)
+    assert list(cfg.baseline_precisions) == ["fp32", "bf16"]
+    if preset == "gpu":
+        assert (cfg.model.source, cfg.trainer.resolution, cfg.flops) == ("arch:sd15", 512, True)
+
+
 def test_paired_lengths_are_stratified_reproducible_and_read_from_the_start():
     from spm_train.benchmark import PairedLengths
 
