@@ -198,11 +198,10 @@ def main(cfg: DictConfig) -> None:
 
 def setting_problems(cfg: DictConfig) -> list[str]:
     """Pack sizes, iteration counts and precisions a training or FLOP benchmark cannot run with."""
-    if cfg.mode != "training":
-        return [] if cfg.packs and all(k >= 1 for k in cfg.packs) else [
-            f"packs={list(cfg.packs)}: one or more pack sizes >= 1"]
     from spm_train.benchmark import settings_problems
 
+    if cfg.mode != "training":
+        return settings_problems(list(cfg.packs), None, None, None, [])
     precisions = list(cfg.baseline_precisions) + ([cfg.fast_precision] if cfg.fast_precision else [])
     problems = settings_problems(list(cfg.packs), cfg.concept_iterations, cfg.warmup, cfg.flop_iterations,
                                  precisions)
