@@ -375,11 +375,19 @@ class Gains:
         if k is None:
             return "no pack was timed"
         own = self.precision.get(p)  # precision's gain, when the paper loop also ran in the packs' precision
-        factors = ([f"precision {x(own)} (the paper loop in {p} over fp32)"] if own is not None else []) + [
-            f"fast path {x(self.fast_path)} (K = 1 over the paper loop, both {p})",
-            f"packing {x(self.packing)} (K = {k} over K = 1)"]
-        text = f"K = {k} in {p}: {x(self.vs_paper_fp32)} the fp32 paper loop = " + " * ".join(factors)
-        if p != "fp32":
+        factors = {"precision": (own, f"(the paper loop in {p} over fp32)"),
+                   "fast path": (self.fast_path, f"(K = 1 over the paper loop, both {p})"),
+                   "packing": (self.packing, f"(K = {k} over K = 1)")}
+        if p == "fp32":
+            del factors["precision"]
+        known = [f"{name} {x(value)} {what}" for name, (value, what) in factors.items() if value is not None]
+        whole = len(known) == len(factors)  # the factors multiply to the ratio only when all were timed
+        if self.vs_paper_fp32 is None:
+            text = f"K = {k} in {p}: " + ", ".join(known) + " (no fp32 paper loop in this run)"
+        else:
+            text = (f"K = {k} in {p}: {x(self.vs_paper_fp32)} the fp32 paper loop"
+                    + (" = " + " * ".join(known) if whole else "; " + ", ".join(known)))
+        if p != "fp32" and self.vs_paper_same_precision is not None:
             text += f"; {x(self.vs_paper_same_precision)} the paper loop in {p}"
         apart = [f"the paper loop in {name} runs {x(value)} its fp32 speed"
                  for name, value in self.precision.items() if name != p]

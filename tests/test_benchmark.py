@@ -160,6 +160,9 @@ def test_the_headline_states_packing_and_precision_apart():
     # packs in a precision the paper loop did not run in: no same-precision factors, nothing made up
     g = gains([rows[0], row("packed", 1, "fp16", 1.0), row("packed", 4, "fp16", 0.5)])
     assert g.fast_path is None and g.vs_paper_same_precision is None and g.packing == pytest.approx(2.0)
+    assert g.text() == "K = 4 in fp16: 4.00x the fp32 paper loop; packing 2.00x (K = 4 over K = 1)"
+    assert gains(rows[2:]).text() == (  # no paper loop at all (a variant run)
+        "K = 32 in bf16: packing 5.00x (K = 32 over K = 1) (no fp32 paper loop in this run)")
 
 
 def test_orchestration_benchmark_collects_every_job(tmp_path):
