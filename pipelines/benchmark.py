@@ -1,12 +1,14 @@
 """Throughput benchmark: the paper's loop and the packed fast path, measured in one process.
 
-    python -m pipelines.benchmark                                         # ToyWorld, this machine
+    python -m pipelines.benchmark                                         # ToyWorld: ~1 min on 2 cores
+    python -m pipelines.benchmark preset=gpu                              # SD 1.5 at 512 px, on a GPU
     python -m pipelines.benchmark model.source=arch:sd15 packs=[1,8,16,32] # SD 1.5 architecture, random weights
     python -m pipelines.benchmark mode=orchestration jobs=1000            # Ray scheduling overhead
     python -m pipelines.benchmark mode=flops model.source=arch:sd15 packs=[8,32] trainer.resolution=512
                                                                           # FLOPs per UNet forward (meta device)
 
-Prints a table and writes the same figures as JSON (``out``).
+Prints a table and the headline (packing's and precision's gains apart) and writes the same figures as
+JSON (``out``), with the trajectory lengths every path trained on.
 """
 
 from __future__ import annotations
@@ -37,15 +39,15 @@ class BenchmarkConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: str = "auto"
     packs: List[int] = field(default_factory=lambda: [1, 4, 8])
-    iterations: int = 5
+    concept_iterations: int = 16
     warmup: int = 1
-    baseline: bool = True
+    baseline_precisions: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     fast_precision: Optional[str] = None
     micro_batch: int = 0
-    baseline_iterations: Optional[int] = None
     fit_pack: bool = False
-    flops: bool = True
-    flop_iterations: Optional[int] = None
+    fit_pack_limit: int = 64
+    flops: bool = False
+    flop_iterations: Optional[int] = 1
     profile: bool = False
     fast_base_dtype: Optional[str] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -69,7 +71,7 @@ def machine() -> dict[str, Any]:
 def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
-    from spm_train.benchmark import format_table, run_benchmark
+    from spm_train.benchmark import PairedLengths, format_table, gains, run_benchmark
     from spm_train.models import load_base_model
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,21 +85,26 @@ def training_benchmark(cfg: DictConfig) -> dict[str, Any]:
 
         fast = trainer.replace(precision=cfg.fast_precision or default_fast_precision(device),
                                micro_batch=cfg.micro_batch)
-        fitted = fit_pack_size(pipe, fast)
+        fitted = fit_pack_size(pipe, fast, limit=cfg.fit_pack_limit)
         if fitted is None:
             logger.info("fit_pack: no accelerator memory to fit on %s", device)
         elif fitted not in packs:
             packs.append(fitted)
-    rows = run_benchmark(pipe, trainer, packs, iterations=cfg.iterations, warmup=cfg.warmup,
-                         baseline=cfg.baseline, fast_precision=cfg.fast_precision, micro_batch=cfg.micro_batch,
-                         count_flops=cfg.flops, baseline_iterations=cfg.baseline_iterations,
+    rows = run_benchmark(pipe, trainer, packs, concept_iterations=cfg.concept_iterations, warmup=cfg.warmup,
+                         baseline_precisions=list(cfg.baseline_precisions), fast_precision=cfg.fast_precision,
+                         micro_batch=cfg.micro_batch, count_flops=cfg.flops,
                          flop_iterations=cfg.flop_iterations, skipped=skipped,
                          profile_dir=os.path.dirname(os.path.abspath(cfg.out)) if cfg.profile else None,
                          fast_base_dtype=fast_base_dtype)
+    headline = gains(rows)
     print(format_table(rows))
+    print(headline.text())
+    lengths = PairedLengths(trainer.max_denoising_steps, cfg.concept_iterations, trainer.seed)
     return {"mode": "training", "model": cfg.model.source, "device": device, "machine": machine(),
             "trainer": trainer.to_dict(), "fitted_pack_size": fitted, "skipped": skipped,
-            "rows": [r.to_dict() for r in rows]}
+            "concept_iterations": cfg.concept_iterations,
+            "lengths": lengths.lengths(max(r.iterations * r.pack_size for r in rows) if rows else 0),
+            "rows": [r.to_dict() for r in rows], "gains": headline.to_dict()}
 
 
 def _dtype(name: str | None):
@@ -193,15 +200,16 @@ def main(cfg: DictConfig) -> None:
 
 
 def setting_problems(cfg: DictConfig) -> list[str]:
-    """Pack sizes and iteration counts a training or FLOP benchmark cannot run with."""
-    problems = []
-    if not cfg.packs or any(k < 1 for k in cfg.packs):
-        problems.append(f"packs={list(cfg.packs)}: one or more pack sizes >= 1")
-    if cfg.mode == "training":
-        for name, least in (("iterations", 1), ("warmup", 0), ("baseline_iterations", 1), ("flop_iterations", 1)):
-            value = cfg.get(name)
-            if value is not None and value < least:
-                problems.append(f"{name}={value}: at least {least}")
+    """Pack sizes, iteration counts and precisions a training or FLOP benchmark cannot run with."""
+    from spm_train.benchmark import settings_problems
+
+    if cfg.mode != "training":
+        return settings_problems(list(cfg.packs), None, None, None, [])
+    precisions = list(cfg.baseline_precisions) + ([cfg.fast_precision] if cfg.fast_precision else [])
+    problems = settings_problems(list(cfg.packs), cfg.concept_iterations, cfg.warmup, cfg.flop_iterations,
+                                 precisions)
+    if cfg.fit_pack_limit < 1:
+        problems.append(f"fit_pack_limit={cfg.fit_pack_limit}: at least 1")
     return problems
 
 

@@ -1,6 +1,7 @@
 """The paper's training loop as published, kept as the baseline the fast path is measured against.
 
-One concept per process, batch 1, fp32, and the reference code's habits: every guidance-1 prediction
+One concept per process, batch 1, fp32 (or under the trainer's autocast precision, to time precision's
+gain apart from packing's), and the reference code's habits: every guidance-1 prediction
 (positive, neutral, target, anchors) runs a full classifier-free-guidance batch whose unconditional half
 does not change the result; anchors are drawn one at a time with a host sync each; predictions are moved
 to the host for the loss; the loss is read back every step. The losses and the membrane are the same as
@@ -8,6 +9,9 @@ to the host for the loss; the loss is read back every step. The losses and the m
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,10 @@ from .training import concept_seed
 
 
 class PaperLoop:
+    # Where each iteration's trajectory length comes from: None, the loop's own generator; a callable
+    # returning the next length lets a benchmark train every path on the same lengths.
+    trajectory_lengths: Callable[[], int] | None = None
+
     def __init__(self, pipe, concept: ConceptSpec, trainer: TrainerConfig):
         from diffusers import DDIMScheduler
         from diffusers.optimization import get_scheduler
@@ -42,13 +50,18 @@ class PaperLoop:
                                           num_training_steps=trainer.iterations, num_cycles=trainer.lr_cycles)
         self.latent_shape = self.model.latent_shape(trainer.resolution)
         self.resolution = trainer.resolution or self.model.default_resolution()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision)
+        self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
+                         else contextlib.nullcontext())
 
     def _predict(self, latents, t, cond: PromptEmbeds, guidance: float) -> torch.Tensor:
         n = cond.hidden.shape[0]
         x = torch.cat([latents.expand(n, -1, -1, -1)] * 2)
         embeds = PromptEmbeds.cat([self.uncond.repeat(n), cond])
-        out = self.model.predict(x, torch.full((2 * n,), int(t), device=self.device), embeds, self.resolution)
-        uncond, cond_out = out.chunk(2)
+        timesteps = torch.full((2 * n,), int(t), device=self.device)
+        with self.autocast:
+            out = self.model.predict(x, timesteps, embeds, self.resolution)
+        uncond, cond_out = out.float().chunk(2)  # guidance, DDIM and the loss in fp32, as the fast path does
         return uncond + guidance * (cond_out - uncond)
 
     def _anchor(self) -> torch.Tensor:
@@ -65,7 +78,8 @@ class PaperLoop:
 
     def step(self) -> float:
         cfg = self.cfg
-        t_to = int(torch.randint(1, cfg.max_denoising_steps, (1,), generator=self.host_rng))
+        t_to = (int(torch.randint(1, cfg.max_denoising_steps, (1,), generator=self.host_rng))
+                if self.trajectory_lengths is None else self.trajectory_lengths())
         with torch.no_grad():
             self.scheduler.set_timesteps(cfg.max_denoising_steps, device=self.device)
             latents = torch.randn((1, *self.latent_shape), generator=self.rng, device=self.device)

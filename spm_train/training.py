@@ -120,6 +120,10 @@ class TrainingResult:
 class PackTrainer:
     """Trains one membrane per concept, all concepts of the pack in shared UNet batches."""
 
+    # Where each concept-iteration's trajectory length comes from: None, the concept's own generator; a
+    # callable returning the next length lets a benchmark train every path on the same lengths.
+    trajectory_lengths: Callable[[], int] | None = None
+
     def __init__(self, pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig, *,
                  checkpoint_dir: str | None = None, callback: Callable[[int, list[dict]], None] | None = None,
                  progress: bool = True, deepspeed: dict | None = None):
@@ -332,7 +336,8 @@ class PackTrainer:
         cfg = self.cfg
         draws = []
         for c in self.concepts:
-            t_to = int(torch.randint(1, cfg.max_denoising_steps, (1,), generator=c.host_rng))
+            t_to = (int(torch.randint(1, cfg.max_denoising_steps, (1,), generator=c.host_rng))
+                    if self.trajectory_lengths is None else self.trajectory_lengths())
             noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=c.rng, device=self.device,
                                 dtype=self.compute_dtype)
             parts = []
