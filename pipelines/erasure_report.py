@@ -58,10 +58,13 @@ def check(cfg: DictConfig):
         transport = dict(entry.get("transport") or {})
         if transport.get("similarity", "token") not in SIMILARITIES:
             problems.append(f"catalog.{name}.transport.similarity: one of {', '.join(SIMILARITIES)}")
+        facilitate = transport.get("facilitate", 1.0)
+        if not isinstance(facilitate, (int, float)) or not 0 < facilitate < float("inf"):
+            problems.append(f"catalog.{name}.transport.facilitate must be a positive number, got {facilitate!r}")
         if transport.get("scaling", "linear") not in SCALINGS:
             problems.append(f"catalog.{name}.transport.scaling: one of {', '.join(SCALINGS)}")
-        if set(transport) - {"similarity", "scaling"}:
-            problems.append(f"catalog.{name}.transport: only similarity and scaling")
+        if set(transport) - {"similarity", "scaling", "facilitate"}:
+            problems.append(f"catalog.{name}.transport: only similarity, scaling and facilitate")
         variants[name] = (trainer, transport)
     if not cfg.variants:
         problems.append("variants is empty")
@@ -116,9 +119,9 @@ def run(cfg: DictConfig) -> dict:
         membranes = {m.name: m for m in trained}
         for m in trained:
             m.save(os.path.join(out, name, f"{m.name}.safetensors"))
-        key = (transport.get("similarity", "token"), transport.get("scaling", "linear"))
+        key = _transport_key(transport)
         if key not in benches:
-            s = dataclasses.replace(settings, similarity=key[0], scaling=key[1])
+            s = dataclasses.replace(settings, similarity=key[0], scaling=key[1], facilitate=key[2])
             base = benches.get("base_images")
             bench = ErasureBench(pipe, concepts, s) if base is None else base.with_settings(s)
             benches.setdefault("base_images", bench)
@@ -133,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
     best = min(results, key=lambda n: _distance(results[n]["summary"], bar))
     extra = {}
     trainer, transport = variants[best]
-    base_bench = benches[(transport.get("similarity", "token"), transport.get("scaling", "linear"))]
+    base_bench = benches[_transport_key(transport)]
     if cfg.transport_off:
         off = base_bench.with_settings(dataclasses.replace(base_bench.settings, transport=False))
         rows = off.measure(membranes_of[best])
@@ -182,6 +185,11 @@ def _stored(out: str, variant: str, concepts, trainer):
     return membranes
 
 
+def _transport_key(transport: dict) -> tuple:
+    return (transport.get("similarity", "token"), transport.get("scaling", "linear"),
+            float(transport.get("facilitate", 1.0)))
+
+
 def _distance(summary: dict, bar: dict) -> float:
     """How far a variant is from the bar: the largest excess over any limit (0 when it meets it)."""
     worst = 0.0
@@ -201,10 +209,11 @@ def _fmt_ci(ci) -> str:
 def _rows_table(rows, markdown_table) -> str:
     return markdown_table(
         ["concept", "equipped", "drawable", "P before", "P after", "P after 95% CI", "non-target drop (pts)",
-         "drop 95% CI", "pixel MSE", "γ target", "γ non-target"],
+         "drop 95% CI", "pixel MSE", "rest of prompt drop (pts)", "γ target", "γ non-target"],
         [[r["concept"], r["equipped"], r["drawable"], f"{r['p_before']:.2f}", f"{r['p_after']:.2f}",
           _fmt_ci(r["p_after_ci"]), f"{r['nontarget_drop']:.1f}", _fmt_ci(r["nontarget_drop_ci"]),
-          f"{r['pixel_mse']:.2e}", f"{r['gamma_target']:.2f}", f"{r['gamma_nontarget']:.2f}"] for r in rows])
+          f"{r['pixel_mse']:.2e}", f"{r.get('rest_drop', float('nan')):.1f}", f"{r['gamma_target']:.2f}",
+          f"{r['gamma_nontarget']:.2f}"] for r in rows])
 
 
 def _write_markdown(report: dict, out: str, markdown_table) -> None:
@@ -224,9 +233,10 @@ def _write_markdown(report: dict, out: str, markdown_table) -> None:
         for mode, s in r["summary"].items():
             summary_rows.append([name, mode, f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
                                  f"{s['max_nontarget_drop']:.1f}", f"{s['mean_nontarget_drop']:.1f}",
-                                 f"{s['mean_pixel_mse']:.2e}"])
+                                 f"{s['mean_pixel_mse']:.2e}", f"{s.get('mean_rest_drop', float('nan')):.1f}"])
     lines += [markdown_table(["variant", "equipped", "max P after", "mean P after", "max non-target drop",
-                              "mean non-target drop", "mean pixel MSE"], summary_rows), "",
+                              "mean non-target drop", "mean pixel MSE", "mean rest-of-prompt drop"],
+                             summary_rows), "",
               "![Pareto](pareto.png)", "", f"## Best: {report['best']}", "",
               _rows_table(report["variants"][report["best"]]["rows"], markdown_table), ""]
     for key, title in (("transfer", "On the variant model (transfer)"), ("transport_off", "Transport off")):

@@ -78,8 +78,8 @@ class RegistryConfig:
     uri: str = "${paths.root}/registry"
     blobs: str = "${paths.root}/registry/blobs"
     # validation gates, overridable per concept set
-    min_erasure: float = 0.0
-    max_preservation_drop: float = 0.3
+    min_erasure: float = 0.9
+    max_preservation_drop: float = 0.05
     min_target_drop: float = 0.1
     # per-concept gate overrides: {concept name: {min_erasure: .., max_preservation_drop: .., min_target_drop: ..}}
     gates: Dict[str, Dict[str, float]] = field(default_factory=dict)

@@ -8,6 +8,8 @@ in at least ``draw_threshold`` of the time ("drawable"), and reports
   and ``drop`` between them;
 - ``nontarget_drop``: classifier accuracy on non-target prompts before minus after, in points;
 - ``pixel_mse``: mean per-image change on non-target prompts (pixels in [0, 1]);
+- ``rest_drop``: on the drawable target prompts, accuracy on the attributes no equipped membrane erases,
+  before minus after, in points (erasing red from "a red square" should leave a square);
 - 95 % bootstrap intervals over prompts for ``p_after`` and ``nontarget_drop``.
 
 Membranes are measured alone (non-target prompts: every prompt not naming the concept, so damage to the
@@ -45,6 +47,7 @@ class ErasureSettings:
     seed: int = 0
     similarity: str = "token"
     scaling: str = "linear"
+    facilitate: float = 1.0
     transport: bool = True
     draw_threshold: float = 0.5
     bootstrap: int = 1000
@@ -65,6 +68,7 @@ class ErasureRow:
     nontarget_drop: float  # points
     nontarget_drop_ci: tuple[float, float]
     pixel_mse: float
+    rest_drop: float  # points: accuracy on the other attributes the target prompts name (the square of "a red square")
     gamma_target: float
     gamma_nontarget: float
     meta: dict = field(default_factory=dict)
@@ -173,7 +177,7 @@ class ErasureBench:
         s = self.settings
         texts = [p.text for p in self.prompts]
         with apply_membranes(self.pipe, membranes, transport=s.transport, similarity=s.similarity,
-                             scaling=s.scaling) as handle:
+                             scaling=s.scaling, facilitate=s.facilitate) as handle:
             gamma = handle.prompt_permeability(texts)
             opened = [i for i in range(len(texts)) if bool((gamma[i] > 0).any())]
             rendered = self._render(opened, "+".join(m.name for m in membranes)[:40])
@@ -193,14 +197,17 @@ class ErasureBench:
         head = concept_head(word)
         return (labels[head][rows] == self._value_index(head, word)).float().mean(dim=1)
 
-    def _accuracy(self, labels: dict, rows: list[int]) -> torch.Tensor:
+    def _accuracy(self, labels: dict, rows: list[int], erased: frozenset = frozenset()) -> torch.Tensor:
+        """Per prompt: the share of its named attributes (those not ``erased``) the classifier reads back."""
         scores = []
         for r in rows:
-            hits = [(labels[h][r] == self._value_index(h, v)).float() for h, v in self.prompts[r].attributes]
-            scores.append(torch.stack(hits).mean(dim=0).mean())
+            hits = [(labels[h][r] == self._value_index(h, v)).float() for h, v in self.prompts[r].attributes
+                    if v not in erased]
+            scores.append(torch.stack(hits).mean() if hits else torch.tensor(float("nan")))
         return torch.stack(scores) if scores else torch.zeros(0)
 
-    def _row(self, name: str, equipped: str, images, labels, gamma, column: int, nontarget: list[int]) -> ErasureRow:
+    def _row(self, name: str, equipped: str, images, labels, gamma, column: int, nontarget: list[int],
+             erased: frozenset) -> ErasureRow:
         s = self.settings
         target_rows = [self.index[p.text] for p in self.targets[name]]
         before = self._present(self.base_labels, name, target_rows)
@@ -211,6 +218,7 @@ class ErasureBench:
         acc_after = self._accuracy(labels, nontarget)
         drop_pts = 100 * (acc_before - acc_after)
         mse = (images[nontarget] - self.base[nontarget]).pow(2).flatten(1).mean(1) if nontarget else torch.zeros(0)
+        rest = 100 * (self._accuracy(self.base_labels, drawable, erased) - self._accuracy(labels, drawable, erased))
         g_target = gamma[target_rows].max(dim=1).values if column < 0 else gamma[target_rows, column]
         g_other = gamma[nontarget].max(dim=1).values if column < 0 else gamma[nontarget, column]
         return ErasureRow(
@@ -219,6 +227,7 @@ class ErasureBench:
             p_after_ci=bootstrap_mean(p_after, s.bootstrap, s.seed), drop=_mean(p_before) - _mean(p_after),
             nontarget_before=_mean(acc_before), nontarget_after=_mean(acc_after), nontarget_drop=_mean(drop_pts),
             nontarget_drop_ci=bootstrap_mean(drop_pts, s.bootstrap, s.seed + 1), pixel_mse=_mean(mse),
+            rest_drop=_mean(rest),
             gamma_target=_mean(g_target), gamma_nontarget=_mean(g_other),
         )
 
@@ -231,18 +240,21 @@ class ErasureBench:
                 images, labels, gamma = self.generations([membranes[name]])
                 word = self.words[name]
                 nontarget = [i for i, p in enumerate(self.prompts) if p.value(concept_head(word)) != word]
-                rows.append(self._row(name, "alone", images, labels, gamma, 0, nontarget))
+                rows.append(self._row(name, "alone", images, labels, gamma, 0, nontarget, frozenset({word})))
         if together and len(names) > 1:
             images, labels, gamma = self.generations([membranes[n] for n in names])
-            erased = set(self.words[n] for n in names)
+            erased = frozenset(self.words[n] for n in names)
             nontarget = [i for i, p in enumerate(self.prompts) if not erased & {v for _, v in p.attributes}]
             for name in names:
-                rows.append(self._row(name, "together", images, labels, gamma, -1, nontarget))
+                rows.append(self._row(name, "together", images, labels, gamma, -1, nontarget, erased))
         return rows
 
 
 def _mean(values: torch.Tensor) -> float:
-    return float(values.float().mean()) if values.numel() else float("nan")
+    """Mean over the values that are defined (a prompt whose every attribute is erased has no rest)."""
+    values = values.float()
+    values = values[~torch.isnan(values)]
+    return float(values.mean()) if values.numel() else float("nan")
 
 
 def summarise(rows: Sequence[ErasureRow]) -> dict[str, dict[str, float]]:
@@ -256,5 +268,6 @@ def summarise(rows: Sequence[ErasureRow]) -> dict[str, dict[str, float]]:
             "max_nontarget_drop": max(r.nontarget_drop for r in sel),
             "mean_nontarget_drop": sum(r.nontarget_drop for r in sel) / len(sel),
             "mean_pixel_mse": sum(r.pixel_mse for r in sel) / len(sel),
+            "mean_rest_drop": sum(r.rest_drop for r in sel) / len(sel),
         }
     return out

@@ -154,7 +154,7 @@ def pareto_plot(points: dict[str, tuple[float, float]], url: str, *, x_label: st
     line and its points labelled in red. Written atomically; returns ``url``."""
     font = ImageFont.load_default()
     width, height = size
-    left, right, top, bottom = 70, 20, 20, 50
+    left, right, top, bottom = 70, 170, 20, 50  # room on the right for the last labels
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     xs = [p[0] for p in points.values()] or [0.0]

@@ -1,0 +1,67 @@
+"""End to end on the shipped ToyWorld model, measured as the erasure report measures (held-out phrasings,
+drawable prompts only): a fast variant of the bar at its measured point, with a small margin.
+
+Two concepts of the report's set (a colour and a shape) in one pack with the shipped `toyworld` preset,
+evaluated on every held-out template once (3 samples per prompt); docs/erasure.md has the full report.
+"""
+
+import pytest
+import torch
+
+from spm_train import ConceptSpec, TrainerConfig, train_membranes
+from spm_train.erasure import ErasureBench, ErasureSettings
+from spm_train.toyworld import load_pipeline
+
+CONCEPTS = [ConceptSpec("circle", "a circle", guidance_scale=16.0), ConceptSpec("red", "red", guidance_scale=16.0)]
+SETTINGS = ErasureSettings(samples=3, fills=1, steps=20, bootstrap=200)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    torch.manual_seed(0)
+    pipe = load_pipeline()
+    membranes = {m.name: m for m in train_membranes(pipe, CONCEPTS, TrainerConfig.preset("toyworld"),
+                                                      progress=False).membranes}
+    bench = ErasureBench(pipe, CONCEPTS, SETTINGS, progress=False)
+    rows = {(r.concept, r.equipped): r for r in bench.measure(membranes)}
+    variant = ErasureBench(load_pipeline("variant"), CONCEPTS, SETTINGS, progress=False)
+    transfer = {(r.concept, r.equipped): r for r in variant.measure(membranes, together=False)}
+    return rows, transfer
+
+
+def test_the_toyworld_preset_is_the_shipped_hydra_preset():
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.bulk_train  # noqa: F401
+    from pipelines.bulk_train import _setup_trainer
+    from tests.bulk.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["trainer=toyworld"])
+    assert _setup_trainer(cfg).fingerprint() == TrainerConfig.preset("toyworld").fingerprint()
+
+
+MARGIN_P, MARGIN_PTS = 0.1, 3.0
+# measured with this test's settings (docs/erasure.md, "The test's figures")
+MEASURED = {
+    ("circle", "alone"): (0.00, 0.0), ("red", "alone"): (0.00, 0.9),
+    ("circle", "together"): (0.03, 1.6), ("red", "together"): (0.00, 1.6),
+}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED))
+def test_held_out_phrasings_are_erased_and_the_rest_is_kept(measured, key):
+    rows, _ = measured
+    r = rows[key]
+    p_after, drop = MEASURED[key]
+    assert r.drawable >= 5 and r.p_before >= 0.5
+    assert r.p_after <= p_after + MARGIN_P
+    assert r.nontarget_drop <= drop + MARGIN_PTS
+    assert r.gamma_target == pytest.approx(1.0)  # every phrasing of the concept opens its membrane
+
+
+def test_membranes_transfer_to_the_variant_model(measured):
+    rows, transfer = measured
+    for concept in ("circle", "red"):
+        assert transfer[(concept, "alone")].p_after <= rows[(concept, "alone")].p_after + 0.05 + MARGIN_P
+        assert transfer[(concept, "alone")].nontarget_drop <= 5.0 + MARGIN_PTS
