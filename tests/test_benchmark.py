@@ -99,7 +99,7 @@ def test_a_trainer_given_lengths_trains_on_them():
     try:
         given = iter([3, 27])
         pack.trajectory_lengths = lambda: next(given)
-        assert [t_to for t_to, _, _ in pack._draw()] == [3, 27]
+        assert [draw[0] for draw in pack._draw()] == [3, 27]
     finally:
         pack.close()
     loop = PaperLoop(pipe, ConceptSpec("a", "a photo of a"), trainer)
