@@ -20,7 +20,6 @@ taken from the base generations instead of being rendered again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -29,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConceptSpec
+from .evaluate import _prompt_seed
 from .membrane import Membrane
 from .prompts import concept_words
 from .toyworld.eval_prompts import EvalPrompt, concept_head, erasure_prompts
@@ -75,10 +75,6 @@ class ErasureRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _seed(seed: int, prompt: str, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt}:{index}".encode()).digest()[:4], "little")
 
 
 def bootstrap_mean(values: torch.Tensor, draws: int, seed: int = 0) -> tuple[float, float]:
@@ -146,7 +142,7 @@ class ErasureBench:
         for lo in range(0, len(flat), s.batch_size):
             chunk = flat[lo:lo + s.batch_size]
             texts = [self.prompts[i].text for i, _ in chunk]
-            gens = [torch.Generator().manual_seed(_seed(s.seed, t, k)) for t, (_, k) in zip(texts, chunk)]
+            gens = [torch.Generator().manual_seed(_prompt_seed(s.seed, t, k)) for t, (_, k) in zip(texts, chunk)]
             with torch.no_grad():
                 images = self.pipe(texts, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
                                    generator=gens, output_type="pt").images
