@@ -108,7 +108,10 @@ class ConceptSpec:
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCOPES = ("transformer", "attention", "cross_attention")
+SCOPES = ("transformer", "attention", "cross_attention", "cross_attention_kv")
+# "none": the paper's membrane, opened per prompt; "token": a gated membrane, opened per prompt token in the
+# layers that read the prompt (cross-attention keys and values), trained and applied with the same gate
+GATES = ("none", "token")
 # "project": every anchor is a sampled embedding; "official": as the official code's anchor batch, half of
 # them (every other one) is the unconditional embedding
 ANCHOR_BATCHES = ("project", "official")
@@ -145,6 +148,7 @@ class TrainerConfig:
     rank: int = 1
     alpha: float = 1.0
     scope: str = "transformer"
+    gate: str = "none"
     # the paper and the official code do not clip gradients (0: off)
     max_grad_norm: float = 0.0
     precision: str = "fp32"
@@ -205,6 +209,8 @@ class TrainerConfig:
             problems.append(f"corpus_size must be >= 1, got {self.corpus_size}")
         if self.scope not in SCOPES:
             problems.append(f"scope {self.scope!r} is not one of {list(SCOPES)}")
+        if self.gate not in GATES:
+            problems.append(f"gate {self.gate!r} is not one of {list(GATES)}")
         if self.resolution is not None and (
             not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8
         ):
@@ -238,6 +244,8 @@ class TrainerConfig:
         data = self.to_dict()
         for key in ("log_every", "checkpoint_every", "micro_batch", "compile", "channels_last"):
             data.pop(key)
+        if data["gate"] == "none":  # keys of membranes trained before gates existed stay valid
+            data.pop("gate")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

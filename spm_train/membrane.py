@@ -65,14 +65,24 @@ def _in_scope(path: str, scope: str) -> bool:
         return ".attn1." in path or ".attn2." in path
     if scope == "cross_attention":
         return ".attn2." in path
-    raise ValueError(f"unknown membrane scope {scope!r}; supported: transformer, attention, cross_attention")
+    if scope == "cross_attention_kv":
+        return reads_text(path)
+    raise ValueError(f"unknown membrane scope {scope!r}; supported: transformer, attention, cross_attention, "
+                     "cross_attention_kv")
+
+
+def reads_text(path: str) -> bool:
+    """Whether the layer at ``path`` reads the text encoder's states, one row per prompt token: the key and
+    value projections of cross-attention. Only these layers can open a membrane per token."""
+    return path.endswith((".attn2.to_k", ".attn2.to_v"))
 
 
 def membrane_targets(unet: nn.Module, scope: str = "transformer") -> dict[str, nn.Module]:
     """Every ``nn.Linear`` / ``nn.Conv2d`` inside the UNet's ``Transformer2DModel`` blocks, by module path.
 
-    ``scope`` narrows the set: ``attention`` (self- and cross-attention projections) or
-    ``cross_attention`` (``attn2`` only). Paths are sorted so every walk visits layers in one order.
+    ``scope`` narrows the set: ``attention`` (self- and cross-attention projections),
+    ``cross_attention`` (``attn2`` only) or ``cross_attention_kv`` (its key and value projections, which
+    read the prompt's tokens). Paths are sorted so every walk visits layers in one order.
     """
     block_types = _transformer_block_types()
     found: dict[str, nn.Module] = {}
@@ -150,6 +160,10 @@ class Router:
     several membranes per sample). ``route(owners)`` opens for each sample one membrane only (training
     packs): when there are several membranes of one rank, layers gather each sample's own down/up rows
     and compute a single branch per sample instead of all of them. ``None`` closes every membrane.
+
+    Gated membranes open per token in the layers that read the prompt's tokens (``reads_text``): ``set``
+    then also takes ``[batch, tokens, membranes]`` permeabilities and ``route`` a ``[batch, tokens]`` gate
+    of each sample's own membrane; every other layer uses the per-sample permeability.
     """
 
     def __init__(self, slot_owner: torch.Tensor, slot_scale: torch.Tensor):
@@ -159,14 +173,16 @@ class Router:
         ranks = torch.bincount(slot_owner, minlength=self.num_membranes).tolist() if slot_owner.numel() else []
         self.uniform_rank = ranks[0] if ranks and len(set(ranks)) == 1 else None
         self.weights: torch.Tensor | None = None
+        self.token_weights: torch.Tensor | None = None  # [batch, tokens, slots] for layers that read text
         self.owners: torch.Tensor | None = None
+        self.owner_gate: torch.Tensor | None = None  # [batch, tokens], routed mode
         self.owner_coef: torch.Tensor | None = None
         self._slot_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._one_hot: torch.Tensor | None = None
         self.merged = False  # while the membranes sit in the base weights, layers add no branch
 
-    def set(self, gamma: torch.Tensor | None) -> None:
-        self.owners = self.owner_coef = self._one_hot = None
+    def set(self, gamma: torch.Tensor | None, tokens: torch.Tensor | None = None) -> None:
+        self.owners = self.owner_coef = self._one_hot = self.owner_gate = self.token_weights = None
         if gamma is None:
             self.weights = None
             return
@@ -179,26 +195,36 @@ class Router:
             )
         owner, scale = self.slot_tensors(gamma.device)
         self.weights = gamma.index_select(1, owner) * scale.to(gamma.dtype)
+        if tokens is not None:
+            if tokens.dim() != 3 or tokens.shape[0] != gamma.shape[0] or tokens.shape[2] != self.num_membranes:
+                raise ValueError(f"per-token permeability must have shape [{gamma.shape[0]}, tokens, "
+                                 f"{self.num_membranes}], got {tuple(tokens.shape)}")
+            self.token_weights = tokens.index_select(2, owner) * scale.to(tokens.dtype)
 
-    def route(self, owners: torch.Tensor) -> None:
+    def route(self, owners: torch.Tensor, gate: torch.Tensor | None = None) -> None:
         """``owners[b]``: the membrane sample ``b`` passes through, or -1 for none.
 
         Gathering pays when there are several membranes (the dense branch would compute all of them for
-        every sample); with one membrane, or membranes of different ranks, the one-hot rows are used."""
+        every sample); with one membrane, or membranes of different ranks, the one-hot rows are used.
+        ``gate[b, t]`` opens sample ``b``'s membrane per token in the layers that read text (gated membranes)."""
+        if gate is not None and (gate.dim() != 2 or gate.shape[0] != owners.shape[0]):
+            raise ValueError(f"a token gate must have shape [{owners.shape[0]}, tokens], got {tuple(gate.shape)}")
         if self.uniform_rank is None or self.num_membranes == 1:
             membranes = torch.arange(self.num_membranes, device=owners.device)
-            self.set((owners.unsqueeze(1) == membranes).float())  # -1 matches no membrane
+            hit = (owners.unsqueeze(1) == membranes).float()  # -1 matches no membrane
+            self.set(hit, None if gate is None else hit.unsqueeze(1) * gate.unsqueeze(2).to(hit.dtype))
             return
-        self.weights = self._one_hot = None
+        self.weights = self._one_hot = self.token_weights = None
+        self.owner_gate = gate
         _, scale = self.slot_tensors(owners.device)
         self.owners = owners.clamp(min=0)
         self.owner_coef = (owners >= 0).float() * scale[self.owners * self.uniform_rank]
 
     def state(self) -> tuple:
-        return self.weights, self.owners, self.owner_coef, self._one_hot
+        return self.weights, self.owners, self.owner_coef, self._one_hot, self.token_weights, self.owner_gate
 
     def restore(self, state: tuple) -> None:
-        self.weights, self.owners, self.owner_coef, self._one_hot = state
+        self.weights, self.owners, self.owner_coef, self._one_hot, self.token_weights, self.owner_gate = state
 
     def slot_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``slot_owner`` and ``slot_scale`` on ``device``, copied there once rather than at every call."""
@@ -221,6 +247,20 @@ class Router:
             return self.owners.expand(batch), self.owner_coef.expand(batch)
         return self.owners, self.owner_coef
 
+    def gate_for(self, batch: int) -> torch.Tensor | None:
+        """Routed mode's ``[batch, tokens]`` token gate, if one is set."""
+        if self.owner_gate is None or self.owner_gate.shape[0] == batch:
+            return self.owner_gate
+        return self.owner_gate.expand(batch, -1)
+
+    def token_weights_for(self, batch: int) -> torch.Tensor | None:
+        """Dense ``[batch, tokens, slots]`` weights of the layers that read text, if per-token ones are set."""
+        w = self.token_weights
+        if w is None or self.merged:
+            return None
+        self._check_batch(w.shape[0], batch)
+        return w
+
     def weights_for(self, batch: int) -> torch.Tensor | None:
         """Dense ``[batch, slots]`` weights (built once per routing for layers that cannot gather)."""
         if self.merged:
@@ -241,8 +281,10 @@ class Router:
 class MembraneLayer(nn.Module):
     """Wraps a Linear or Conv2d; its membranes' ranks are stacked along one axis of ``down``/``up``."""
 
-    def __init__(self, base_layer: nn.Module, router: Router, num_slots: int, dtype=torch.float32):
+    def __init__(self, base_layer: nn.Module, router: Router, num_slots: int, dtype=torch.float32,
+                 text: bool = False):
         super().__init__()
+        self.reads_text = text  # rows are prompt tokens: gated membranes open here per token
         in_shape, out_features = layer_shapes(base_layer)
         self.base_layer = base_layer
         self.router = router
@@ -276,7 +318,11 @@ class MembraneLayer(nn.Module):
             delta = F.conv2d(h, up)
         else:
             h = F.linear(x, down)
-            h = h * w.to(h.device, h.dtype).view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
+            tokens = self.router.token_weights_for(x.shape[0]) if self.reads_text else None
+            if tokens is not None and h.dim() == 3 and tokens.shape[1] == h.shape[1]:
+                h = h * tokens.to(h.device, h.dtype)
+            else:
+                h = h * w.to(h.device, h.dtype).view(w.shape[0], *([1] * (h.dim() - 2)), w.shape[1])
             delta = F.linear(h, up)
         return y + delta.to(y.dtype)
 
@@ -307,7 +353,11 @@ class MembraneLayer(nn.Module):
         else:
             x3, y3 = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
         d, u = self._branch_weights(d, u.permute(1, 2, 0).index_select(0, owners), x)  # u: [n, rank, out]
-        out = torch.baddbmm(y3, torch.bmm(x3, d.transpose(1, 2)), u)
+        h = torch.bmm(x3, d.transpose(1, 2))  # [n, rows, rank]
+        gate = self.router.gate_for(n) if self.reads_text else None
+        if gate is not None and gate.shape[1] == h.shape[1]:
+            h = h * gate.to(h.device, h.dtype).unsqueeze(2)
+        out = torch.baddbmm(y3, h, u)
         if self.is_conv:
             return out.view(n, *y.shape[2:], y.shape[1]).permute(0, 3, 1, 2).to(y.dtype)
         return out.view(y.shape).to(y.dtype)
@@ -372,7 +422,7 @@ class MembraneBank:
         self.router = Router(owner, scale)
         self.layers: dict[str, MembraneLayer] = {}
         for path, base in targets.items():
-            layer = MembraneLayer(base, self.router, num_slots=len(owner), dtype=dtype)
+            layer = MembraneLayer(base, self.router, num_slots=len(owner), dtype=dtype, text=reads_text(path))
             _set_submodule(unet, path, layer)
             self.layers[path] = layer
         self.attached = True
@@ -481,13 +531,16 @@ class MembraneBank:
     def _on_device(self, gamma: torch.Tensor | None) -> torch.Tensor | None:
         return None if gamma is None else torch.as_tensor(gamma).to(self.device)
 
-    def set_permeability(self, gamma: torch.Tensor | None) -> None:
-        """``gamma``: ``[batch, membranes]`` (or ``[membranes]`` for every sample); None closes all."""
-        self.router.set(self._on_device(gamma))
+    def set_permeability(self, gamma: torch.Tensor | None, tokens: torch.Tensor | None = None) -> None:
+        """``gamma``: ``[batch, membranes]`` (or ``[membranes]`` for every sample); None closes all.
+        ``tokens``: ``[batch, tokens, membranes]`` permeabilities of the layers that read text (gated
+        membranes); without it those layers use ``gamma`` too."""
+        self.router.set(self._on_device(gamma), self._on_device(tokens))
 
-    def route(self, owners: torch.Tensor) -> None:
-        """Open for each sample only its own membrane: ``owners[b]`` is a membrane index or -1 for none."""
-        self.router.route(self._on_device(owners))
+    def route(self, owners: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+        """Open for each sample only its own membrane: ``owners[b]`` is a membrane index or -1 for none;
+        ``gate[b, t]`` (optional) opens it per token in the layers that read text."""
+        self.router.route(self._on_device(owners), self._on_device(gate))
 
     @contextlib.contextmanager
     def permeability(self, gamma: torch.Tensor | None) -> Iterator[None]:

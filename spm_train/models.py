@@ -30,30 +30,44 @@ _SAFETY_CHECKER_NOTED: set[str] = set()
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning as the UNet consumes it: ``hidden`` [B, L, D], SDXL's ``pooled`` [B, P]."""
+    """Text conditioning as the UNet consumes it: ``hidden`` [B, L, D], SDXL's ``pooled`` [B, P], and for
+    training gated membranes each row's token ``gate`` [B, L]."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    def _map(self, fn) -> "PromptEmbeds":
+        return PromptEmbeds(fn(self.hidden), None if self.pooled is None else fn(self.pooled),
+                            None if self.gate is None else fn(self.gate))
+
     def index(self, idx) -> "PromptEmbeds":
-        return PromptEmbeds(self.hidden[idx], None if self.pooled is None else self.pooled[idx])
+        return self._map(lambda t: t[idx])
 
     def repeat(self, n: int) -> "PromptEmbeds":
-        return PromptEmbeds(self.hidden.repeat_interleave(n, 0),
-                            None if self.pooled is None else self.pooled.repeat_interleave(n, 0))
+        return self._map(lambda t: t.repeat_interleave(n, 0))
 
     def to(self, *args, **kwargs) -> "PromptEmbeds":
-        return PromptEmbeds(self.hidden.to(*args, **kwargs),
-                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+        out = PromptEmbeds(self.hidden.to(*args, **kwargs),
+                           None if self.pooled is None else self.pooled.to(*args, **kwargs), self.gate)
+        if self.gate is not None:
+            out.gate = self.gate.to(out.hidden.device)
+        return out
+
+    def with_gate(self, gate: torch.Tensor) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden, self.pooled, gate.to(self.hidden.device))
 
     @staticmethod
     def cat(items) -> "PromptEmbeds":
+        """Rows of ``items`` in order; the gate is kept only when every item has one."""
         items = list(items)
         pooled = None if items[0].pooled is None else torch.cat([i.pooled for i in items])
-        return PromptEmbeds(torch.cat([i.hidden for i in items]), pooled)
+        gates = [i.gate for i in items]
+        gate = None if any(g is None for g in gates) else torch.cat(gates)
+        return PromptEmbeds(torch.cat([i.hidden for i in items]), pooled, gate)
 
 
 def detect_family(pipe) -> str:
@@ -225,6 +239,13 @@ class ModelAdapter:
                                truncation=True).input_ids)
         return ~torch.isin(ids, torch.tensor(sorted(self.ignored_ids(content_only))))
 
+    def tail_mask(self, prompt: str) -> torch.Tensor:
+        """Positions of the padded prompt from its end-of-text token on (end-of-text and padding)."""
+        tok = self.pipe.tokenizer
+        ids = torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
+                               truncation=True).input_ids)
+        return tail_positions(ids, tok.eos_token_id)
+
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                 resolution: int | None = None) -> torch.Tensor:
         """One UNet call; ``timesteps`` holds one value per sample."""
@@ -240,6 +261,13 @@ class ModelAdapter:
         dtype = self.unet.dtype
         return self.call_unet(latents.to(dtype), timesteps, encoder_hidden_states=embeds.hidden.to(dtype),
                               return_dict=False, **kwargs)[0]
+
+
+def tail_positions(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """Whether each position of ``ids`` (last axis) lies at or after the first end-of-text token."""
+    if eos_id is None:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    return (ids == eos_id).long().cumsum(-1) > 0
 
 
 def special_ids(tokenizer) -> set[int]:

@@ -95,6 +95,9 @@ class _Concept:
     phrasing_pos: PromptEmbeds | None = None  # pool of phrasings
     phrasing_neu: PromptEmbeds | None = None  # each phrasing without the concept's words
     anchor_pool: PromptEmbeds | None = None  # pool of real prompts that do not mention the concept
+    phrasing_prompts: list[str] = field(default_factory=list)
+    anchor_prompts: list[str] = field(default_factory=list)
+    calibration: object | None = None  # transport calibration (spm_train.transport.Calibration), when known
 
     @property
     def erase_rows(self) -> int:
@@ -212,6 +215,9 @@ class PackTrainer:
             prompts += [spec.target, spec.positive_prompt, spec.neutral_prompt]
         embeds = self.model.encode(prompts + [""])
         self.uncond = embeds.index(slice(len(prompts), len(prompts) + 1))
+        if cfg.gate == "token":
+            # the unconditional half of a trajectory's CFG batch follows the target: open on its tail
+            self.uncond = self.uncond.with_gate(self.model.tail_mask("").float().unsqueeze(0))
         corpus = self.corpus = self._corpus()
         self.concepts = []
         for i, (spec, seed) in enumerate(zip(self.specs, self.seeds)):
@@ -227,8 +233,28 @@ class PackTrainer:
             )
             if corpus is not None:
                 self._setup_corpus_prompts(concept, corpus, anchoring)
+            if cfg.gate == "token":
+                self._setup_gates(concept)
             concept.num_anchors = concept.num_random + (cfg.prompt_anchors if concept.anchor_pool is not None else 0)
             self.concepts.append(concept)
+
+    def _setup_gates(self, concept: _Concept) -> None:
+        """Token gates of a gated membrane's prompts, as ``apply_membranes`` will open it: the target and
+        its phrasings on the concept's tokens and tail, real prompt anchors as far as they are close."""
+        from .transport import Calibration, calibrate_transport, prompt_gates
+
+        spec = concept.spec
+        concept.calibration = (calibrate_transport(self.model.pipe, [spec.target], self.corpus)
+                               if self.cfg.calibrate else Calibration())
+
+        def gated(embeds: PromptEmbeds, prompts: list[str]) -> PromptEmbeds:
+            return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration))
+
+        concept.target = gated(concept.target, [spec.target])
+        if concept.phrasing_pos is not None:
+            concept.phrasing_pos = gated(concept.phrasing_pos, concept.phrasing_prompts)
+        if concept.anchor_pool is not None:
+            concept.anchor_pool = gated(concept.anchor_pool, concept.anchor_prompts)
 
     def _corpus(self):
         if not (self.cfg.phrasings or self.cfg.prompt_anchors or self.cfg.calibrate):
@@ -249,6 +275,7 @@ class PackTrainer:
                 neutral = [replace_concept(p, spec.target, spec.neutral_prompt) for p in found]
                 concept.phrasing_pos = self.model.encode(found)
                 concept.phrasing_neu = self.model.encode(neutral)
+                concept.phrasing_prompts = found
                 concept.num_phrasings = cfg.phrasings
             else:
                 logger.warning("concept %s: the corpus %s has no other phrasing of %r; training on the target "
@@ -257,6 +284,7 @@ class PackTrainer:
             unrelated = corpus.unrelated([s.target for s in self.specs], pool)
             if unrelated:
                 concept.anchor_pool = self.model.encode(unrelated)
+                concept.anchor_prompts = unrelated
             else:
                 logger.warning("concept %s: the corpus %s has no prompt without the pack's concepts; no prompt "
                                "anchors", spec.name, corpus.source)
@@ -351,7 +379,12 @@ class PackTrainer:
                     hidden[0::2] = self.uncond.hidden[0].to(hidden.dtype)
                     if pooled is not None:
                         pooled[0::2] = self.uncond.pooled[0].to(pooled.dtype)
-                parts.append(PromptEmbeds(hidden, pooled))
+                sampled = PromptEmbeds(hidden, pooled)
+                if c.calibration is not None:  # a gated membrane opens on sampled anchors as far as they are close
+                    from .transport import prompt_gates
+
+                    sampled = sampled.with_gate(prompt_gates(self.model, None, hidden, c.spec.target, c.calibration))
+                parts.append(sampled)
             if c.num_anchors > c.num_random:
                 pick = torch.randint(len(c.anchor_pool), (c.num_anchors - c.num_random,), generator=c.pick_rng)
                 parts.append(c.anchor_pool.index(pick.to(c.anchor_pool.hidden.device)))
@@ -379,7 +412,7 @@ class PackTrainer:
             cond = PromptEmbeds.cat([self.concepts[k].target.repeat(cfg.batch_size) for k in active])
             embeds = PromptEmbeds.cat([self.uncond.repeat(n), cond])
             t = torch.full((2 * n,), self.trajectory[i], device=self.device, dtype=torch.long)
-            self.bank.route(torch.cat([owners, owners]))
+            self.bank.route(torch.cat([owners, owners]), embeds.gate)
             with self.autocast:
                 out = self.model.predict(torch.cat([x, x]), t, embeds, self.resolution)
             uncond, cond_out = out.to(self.compute_dtype).chunk(2)
@@ -439,7 +472,7 @@ class PackTrainer:
         with record_function("spm.membrane_on"):
             for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
                 hi = min(lo + chunk, n)
-                self.bank.route(owner[lo:hi])
+                self.bank.route(owner[lo:hi], None if e_on.gate is None else e_on.gate[lo:hi])
                 with self.autocast:
                     on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
                                             self.resolution).to(self.compute_dtype)
@@ -558,10 +591,15 @@ class PackTrainer:
         spec = self.specs[index]
         trainer = self.cfg.to_dict()
         extra = {"concept": json.dumps(spec.to_dict(), sort_keys=True), "iterations": str(self.step)}
-        if self.cfg.calibrate:
-            from .transport import TRANSPORT_KEY, calibrate_transport
+        from .transport import GATE_KEY, TRANSPORT_KEY, calibrate_transport
 
-            extra[TRANSPORT_KEY] = calibrate_transport(self.model.pipe, [spec.target], self.corpus).to_header()
+        calibration = self.concepts[index].calibration if self.concepts else None
+        if calibration is None and self.cfg.calibrate:
+            calibration = calibrate_transport(self.model.pipe, [spec.target], self.corpus)
+        if calibration is not None:
+            extra[TRANSPORT_KEY] = calibration.to_header()
+        if self.cfg.gate == "token":
+            extra[GATE_KEY] = "token"
         return self.bank.export(
             index, name=spec.name, concepts=(spec.target,), family=self.model.family, layout=self.layout,
             base_fingerprint=self.fingerprint, trainer=trainer, extra=extra,

@@ -20,6 +20,12 @@ Similarities (``similarity=``):
   (``calibrate_transport``) and stored in its header; overlap over content tokens only.
 
 Function words (``spm_train.prompts.FUNCTION_WORDS``) never open a membrane outside ``"paper"``.
+
+Gated membranes (header ``gate: token``, trained with ``TrainerConfig.gate="token"``) open per token in the
+layers that read the prompt, the keys and values of cross-attention (``token_gate``): a content token as
+far as it is close to the concept, the end-of-text and padding positions (where the text encoder sums up
+the whole prompt) as far as the prompt is, every other position not at all. The other words of a prompt
+that names the concept keep their keys and values, and so do prompts that open several membranes.
 ``scaling="official"`` reproduces the official inference code, which multiplies both membrane factors
 by gamma (an effect of gamma squared); ``"linear"`` (default) is the paper's formula.
 """
@@ -37,7 +43,7 @@ import torch
 from .config import number_problem
 from .errors import ConfigError
 from .membrane import Membrane, MembraneBank
-from .models import ModelAdapter
+from .models import ModelAdapter, tail_positions
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 SIMILARITIES = ("paper", "content", "token")
 SCALINGS = ("linear", "official")
 TRANSPORT_KEY = "transport"  # header key of a membrane's calibrated transport
+GATE_KEY = "gate"  # header key: "token" for a membrane that opens per token
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,47 @@ def token_similarity(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.T
 def calibrated(raw: torch.Tensor, zero: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
     """``raw`` mapped linearly from ``[zero, one]`` to ``[0, 1]`` (per column), clamped."""
     return ((raw - zero) / (one - zero).clamp(min=1e-6)).clamp(0, 1)
+
+
+def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.Tensor, prompt_gamma: torch.Tensor,
+               concept_embeds: torch.Tensor, concept_masks: Sequence[torch.Tensor],
+               calibration: Sequence[Calibration]) -> torch.Tensor:
+    """``[B, T, C]`` per-token openings of each concept's membrane.
+
+    A content position (``content[b, t]``) opens as far as its contextual embedding is close to the
+    concept's closest content token, mapped by the concept's calibration; end-of-text and padding positions
+    (``tail``), which the causal text encoder fills with a summary of the whole prompt, open as far as the
+    prompt does (``prompt_gamma[b, c]``); start, function-word and punctuation positions stay closed."""
+    e = torch.nn.functional.normalize(prompt_embeds.float(), dim=-1)
+    out = torch.zeros(*e.shape[:2], concept_embeds.shape[0], device=e.device)
+    for c, (ce, cm) in enumerate(zip(concept_embeds, concept_masks)):
+        ct = torch.nn.functional.normalize(ce[cm.to(ce.device)].float(), dim=-1).to(e.device)
+        if ct.shape[0]:
+            cal = calibration[c]
+            out[:, :, c] = calibrated((e @ ct.T).max(dim=-1).values, torch.tensor(cal.zero), torch.tensor(cal.one))
+    out = out * content.to(out.device).unsqueeze(-1)
+    return torch.where(tail.to(out.device).unsqueeze(-1), prompt_gamma.to(out).unsqueeze(1), out)
+
+
+def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: torch.Tensor, concept: str,
+                 calibration: Calibration) -> torch.Tensor:
+    """``[N, T]`` token gate of one concept's membrane for prompts encoded as ``hidden`` (training).
+
+    ``prompts=None`` for embeddings that are no prompt (sampled anchors): every position counts as a
+    content token and none as the tail."""
+    c_embeds = model.encode([concept]).hidden.float()
+    c_masks = [model.content_mask(concept)]
+    if prompts is None:
+        content = torch.ones(hidden.shape[:2], dtype=torch.bool)
+        tail = torch.zeros_like(content)
+        gamma = torch.zeros(hidden.shape[0], 1)
+    else:
+        masks = [model.content_mask(p) for p in prompts]
+        content, tail = torch.stack(masks), torch.stack([model.tail_mask(p) for p in prompts])
+        raw = token_similarity(hidden, masks, c_embeds, c_masks)
+        gamma = calibrated(raw, torch.tensor([calibration.zero]), torch.tensor([calibration.one]))
+    gate = token_gate(hidden, content, tail, gamma, c_embeds, c_masks, [calibration])
+    return gate[..., 0].to(hidden.device)
 
 
 def content_cosine(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.Tensor | None],
@@ -233,6 +281,7 @@ class MembraneHandle:
         self.concept_prompts = prompts
         self.concept_owner = owners
         self.calibration = calibration
+        self.gated = torch.tensor([m.extra.get(GATE_KEY) == "token" for m in self.membranes])
         self.concept_embeds = self.model.encode(prompts).hidden.float()
         self.concept_ids = [self.model.token_ids(p, self.content_only) for p in prompts]
         self.concept_masks = [self.model.content_mask(p, self.content_only) for p in prompts]
@@ -248,20 +297,22 @@ class MembraneHandle:
         if hidden_states is not None:
             candidates.append(hidden_states[-2])
         special = torch.tensor(sorted(self.model.ignored_ids(self.content_only)), device=input_ids.device)
+        tails = tail_positions(input_ids, self.pipe.tokenizer.eos_token_id).cpu()
         self._calls += 1
         for r in range(input_ids.shape[0]):
             mask = ~torch.isin(input_ids[r], special)
             ids = set(input_ids[r][mask].tolist())
-            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates], self._calls))
+            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates], self._calls, tails[r]))
 
-    def _tokens_of(self, row: torch.Tensor) -> tuple[set[int] | None, torch.Tensor | None, int | None]:
-        """Token ids, content mask and text-encoder call number of the latest encoding equal to ``row``."""
-        for ids, mask, candidates, call in reversed(self._rows):
+    def _tokens_of(self, row: torch.Tensor) -> tuple:
+        """Token ids, content mask, text-encoder call number and end-of-text positions of the latest encoding
+        equal to ``row`` (all None when none is)."""
+        for ids, mask, candidates, call, tail in reversed(self._rows):
             for cand in candidates:
                 width = cand.shape[-1]
                 if cand.shape == row[..., :width].shape and torch.equal(cand.to(row.dtype), row[..., :width]):
-                    return ids, mask, call
-        return None, None, None
+                    return ids, mask, call, tail
+        return None, None, None, None
 
     def _cfg_pairs(self, hidden: torch.Tensor, calls: list[int | None]) -> bool:
         """Whether the batch is ``[negative half, prompt half]`` of classifier-free guidance.
@@ -294,7 +345,7 @@ class MembraneHandle:
         # a pipeline passes the same embedding tensor at every denoising step: score it once
         if (self._memo is not None and self._memo[0] is hidden and self._memo[1] == hidden._version
                 and self._memo[3] == self._calls):
-            self.bank.set_permeability(self._memo[2])
+            self.bank.set_permeability(*self._memo[2])
             return None
         found = [self._tokens_of(hidden[b]) for b in range(hidden.shape[0])]
         cfg_pairs = self._cfg_pairs(hidden, [f[2] for f in found])
@@ -310,9 +361,10 @@ class MembraneHandle:
             # the unconditional half of a CFG batch follows its prompt, as in the paper's sampler
             half = hidden.shape[0] // 2
             gamma = torch.cat([gamma[half:], gamma[half:]])
+        tokens = self._token_permeability(hidden, found, gamma) if bool(self.gated.any()) else None
         self.last_permeability = gamma.detach().cpu()
-        self._memo = (hidden, hidden._version, gamma, self._calls)
-        self.bank.set_permeability(gamma)
+        self._memo = (hidden, hidden._version, (gamma, tokens), self._calls)
+        self.bank.set_permeability(gamma, tokens)
         return None
 
     def _score(self, hidden: torch.Tensor, found) -> torch.Tensor:
@@ -323,6 +375,32 @@ class MembraneHandle:
         if self.scaling == "official":
             gamma = gamma.pow(2)  # the official code scales both factors of the membrane by gamma
         return gamma * self.scales.to(gamma.device)
+
+    def _token_permeability(self, hidden: torch.Tensor, found, gamma: torch.Tensor) -> torch.Tensor:
+        """``[B, T, membranes]``: gated membranes per token (``token_gate``), the others (and rows whose
+        tokens are unknown) at their per-prompt ``gamma`` on every token."""
+        tokens = gamma.unsqueeze(1).expand(-1, hidden.shape[1], -1).clone()
+        rows = [b for b, f in enumerate(found) if f[1] is not None and f[3] is not None]
+        if not rows:
+            return tokens
+        content = torch.stack([found[b][1] for b in rows])
+        tail = torch.stack([found[b][3] for b in rows])
+        owner = torch.as_tensor(self.concept_owner, device=gamma.device)
+        concept_gamma = gamma[rows].index_select(1, owner)
+        per_concept = token_gate(hidden[rows], content, tail, torch.ones_like(concept_gamma),
+                                 self.concept_embeds, self.concept_masks, self.calibration)
+        per_concept = (self.facilitate * per_concept).to(gamma.device)
+        if self.scaling == "official":
+            per_concept = per_concept.pow(2)
+        per_concept = per_concept * self.scales.to(gamma.device).index_select(0, owner)
+        gated = torch.zeros(len(rows), hidden.shape[1], len(self.membranes), device=gamma.device)
+        gated = gated.scatter_reduce(2, owner.expand(*per_concept.shape[:2], -1), per_concept, reduce="amax",
+                                     include_self=False)
+        # the tail positions follow the prompt's own (final) permeability
+        gated = torch.where(tail.to(gamma.device).unsqueeze(-1), gamma[rows].unsqueeze(1), gated)
+        use = self.gated.to(gamma.device)
+        tokens[rows] = torch.where(use, gated, tokens[rows])
+        return tokens
 
     @torch.no_grad()
     def prompt_permeability(self, prompts: Sequence[str]) -> torch.Tensor:

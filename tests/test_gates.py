@@ -1,0 +1,169 @@
+"""Gated membranes: opened per prompt token in the layers that read the prompt, in generation and training."""
+
+import pytest
+import torch
+from torch import nn
+
+from spm_train import MembraneBank, MembraneLayer, membrane_targets
+from spm_train.config import ConceptSpec, TrainerConfig
+from spm_train.errors import ConfigError
+from spm_train.membrane import Router, reads_text
+from spm_train.models import ModelAdapter, tail_positions
+from spm_train.transport import Calibration, GATE_KEY, apply_membranes, token_gate
+
+
+def _layer(router, slots, text=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(8, 6)
+    layer = MembraneLayer(base, router, num_slots=slots, text=text)
+    with torch.no_grad():
+        layer.down.copy_(torch.randn(layer.down.shape, generator=g))
+        layer.up.copy_(torch.randn(layer.up.shape, generator=g))
+    return layer
+
+
+def _branch(layer, x, slot):
+    return (x @ layer.down[slot:slot + 1].T) @ layer.up[:, slot:slot + 1].T
+
+
+def test_kv_scope_is_the_cross_attention_keys_and_values(fresh_sd1):
+    unet = fresh_sd1.unet
+    width = unet.config.cross_attention_dim
+    every = membrane_targets(unet, "transformer")
+    cross = membrane_targets(unet, "cross_attention")
+    found = membrane_targets(unet, "cross_attention_kv")
+    assert sorted(found) == sorted(p for p in cross if p.endswith((".to_k", ".to_v")))
+    assert len(found) == len(cross) // 2 and sum(reads_text(p) for p in every) == len(found)
+    assert all(m.in_features == width for m in found.values())  # they read the text encoder's states
+    bank = MembraneBank.attach(unet, scope="cross_attention_kv")
+    assert bank.num_parameters() == sum(width + m.out_features for m in found.values())
+    assert all(layer.reads_text for layer in bank.layers.values())
+
+
+def test_token_permeability_opens_each_token_by_its_own_weight_and_other_layers_by_the_prompt():
+    router = Router(torch.tensor([0, 1]), torch.tensor([1.0, 0.5]))
+    text, other = _layer(router, 2, text=True), _layer(router, 2, text=False, seed=1)
+    x = torch.randn(2, 3, 8)
+    gamma = torch.tensor([[1.0, 0.0], [0.5, 1.0]])
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.25, 0.0]],
+                           [[0.0, 1.0], [0.5, 0.0], [0.0, 0.0]]])
+    router.set(gamma, tokens)
+    got = text(x)
+    base = text.base_layer(x)
+    torch.testing.assert_close(got[0, 1], base[0, 1])  # a closed token keeps its key/value exactly
+    torch.testing.assert_close(got[0, 0], base[0, 0] + _branch(text, x[0, 0], 0))
+    torch.testing.assert_close(got[0, 2], base[0, 2] + 0.25 * _branch(text, x[0, 2], 0))
+    torch.testing.assert_close(got[1, 0], base[1, 0] + 0.5 * _branch(text, x[1, 0], 1))
+    torch.testing.assert_close(got[1, 1], base[1, 1] + 0.5 * _branch(text, x[1, 1], 0))
+    # a layer that does not read text uses the per-prompt permeability on every row
+    want = other.base_layer(x[1]) + 0.5 * _branch(other, x[1], 0) + 0.5 * _branch(other, x[1], 1)
+    torch.testing.assert_close(other(x)[1], want)
+    with pytest.raises(ValueError, match="per-token permeability must have shape"):
+        router.set(gamma, tokens[:, :, :1])
+
+
+def test_routed_token_gate_equals_the_dense_per_token_mixture_with_gradients():
+    """Training routes each sample through its own membrane with a [batch, tokens] gate; outputs and
+    gradients equal the dense per-token permeabilities, and a gated-off token gets no gradient."""
+    router = Router(torch.tensor([0, 1]), torch.tensor([2.0, 2.0]))
+    layer = _layer(router, 2).double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    owners = torch.tensor([1, 0, -1])
+    gate = torch.rand(3, 4, dtype=torch.float64)
+    gate[0, 2] = 0.0
+
+    def run(setup):
+        layer.zero_grad()
+        setup()
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        return out.detach(), layer.down.grad.clone(), layer.up.grad.clone()
+
+    routed = run(lambda: router.route(owners, gate))
+    assert router.owners is not None  # the gathering path ran
+    hit = (owners.unsqueeze(1) == torch.arange(2)).double()
+    dense = run(lambda: router.set(hit, hit.unsqueeze(1) * gate.unsqueeze(2)))
+    for a, b in zip(routed, dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(routed[0][0, 2], layer.base_layer(x[0, 2]).detach())
+    with pytest.raises(ValueError, match="token gate must have shape"):
+        router.route(owners, gate[:2])
+
+
+def test_token_gate_opens_content_tokens_by_similarity_and_the_tail_by_the_prompt():
+    concept = torch.zeros(1, 4, 3)
+    concept[0, 1] = torch.tensor([1.0, 0, 0])
+    prompt = torch.tensor([[[0.0, 0, 1], [0, 1, 0], [1, 0, 0], [0.6, 0.8, 0], [0, 0, 1]]]).float()
+    content = torch.tensor([[False, True, True, True, False]])
+    tail = torch.tensor([[False, False, False, False, True]])
+    gate = token_gate(prompt, content, tail, torch.tensor([[0.7]]), concept, [torch.tensor([0, 1, 0, 0]).bool()],
+                      [Calibration(zero=0.5, one=0.9)])
+    # start closed; an unrelated token closed; the concept's token open; cos 0.6 -> (0.6-0.5)/0.4; tail at gamma
+    torch.testing.assert_close(gate[0, :, 0], torch.tensor([0.0, 0.0, 1.0, 0.25, 0.7]))
+
+
+def test_tail_positions_start_at_the_first_end_of_text():
+    ids = torch.tensor([[49406, 5, 6, 49407, 49407], [49406, 49407, 49407, 49407, 49407]])
+    assert tail_positions(ids, 49407).tolist() == [[False, False, False, True, True],
+                                                   [False, True, True, True, True]]
+    assert not tail_positions(ids, None).any()
+
+
+def test_gate_is_a_checked_trainer_option_and_keeps_old_keys():
+    with pytest.raises(ConfigError, match="gate 'pixel' is not one of"):
+        TrainerConfig(gate="pixel")
+    assert TrainerConfig().fingerprint() == TrainerConfig(gate="none").fingerprint()
+    assert TrainerConfig().fingerprint() != TrainerConfig(gate="token").fingerprint()
+    assert "gate" not in TrainerConfig().to_dict() or TrainerConfig().gate == "none"
+
+
+@pytest.fixture(scope="module")
+def toyworld():
+    from spm_train.toyworld import load_pipeline
+
+    return load_pipeline("base")
+
+
+@pytest.fixture(scope="module")
+def gated_red(toyworld):
+    from spm_train.training import train_membranes
+
+    spec = ConceptSpec(name="red", target="red", guidance_scale=16.0)
+    trainer = TrainerConfig.preset("toyworld", scope="cross_attention_kv", gate="token", iterations=6,
+                                   phrasings=1, prompt_anchors=2, checkpoint_every=0)
+    return train_membranes(toyworld, [spec], trainer, progress=False).membranes[0]
+
+
+def _kv_outputs(pipe, prompts, membranes=None):
+    """Outputs of every cross-attention key/value layer for ``prompts`` (one step, no guidance)."""
+    seen = []
+    handle = apply_membranes(pipe, membranes) if membranes else None
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(o.detach().clone()))
+             for p, m in pipe.unet.named_modules() if reads_text(p)]
+    try:
+        pipe(list(prompts), num_inference_steps=1, guidance_scale=1.0, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in hooks:
+            h.remove()
+        if handle is not None:
+            handle.remove()
+    return seen
+
+
+def test_a_gated_membrane_changes_only_the_concept_token_and_the_tail(toyworld, gated_red):
+    assert gated_red.extra[GATE_KEY] == "token" and "transport" in gated_red.extra
+    assert gated_red.num_layers == 2 * sum(1 for p, _ in toyworld.unet.named_modules() if p.endswith(".attn2"))
+    prompts = ["a red square", "a green circle"]
+    base = _kv_outputs(toyworld, prompts)
+    gated = _kv_outputs(toyworld, prompts, [gated_red])
+    assert len(base) == len(gated) == gated_red.num_layers
+    tok = toyworld.tokenizer
+    ids = tok(prompts[0], padding="max_length", max_length=tok.model_max_length).input_ids
+    red, square = (ids.index(tok.convert_tokens_to_ids(w + "</w>")) for w in ("red", "square"))
+    eos = ids.index(tok.eos_token_id)
+    changed = [(g - b).abs().amax(dim=-1) for g, b in zip(gated, base)]  # [batch, tokens] per layer
+    assert min(c[0, red] for c in changed) > 1e-5  # the concept's token: every key and value moves
+    assert min(c[0, eos:].min() for c in changed) > 1e-5  # the tail follows the prompt, which names red
+    assert all(c[0, square] == 0 and c[0, 0] == 0 and c[0, 1] == 0 for c in changed)  # square, start, "a"
+    assert all(c[1].max() == 0 for c in changed)  # a prompt far from red: every key and value as the base's
