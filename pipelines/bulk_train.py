@@ -222,9 +222,12 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
     from spm_train.tracking import check_tracking
 
     problems = check_tracking(OmegaConf.to_container(cfg.tracking, resolve=True))
-    # (setting, folder, whether it may be a URL): the result store may; run folders and the SQLite index not
+    # (setting, folder, whether it may be a URL): the result store and the blobs may; run folders and the
+    # SQLite index not. An object store's filesystem package is checked here, before the model loads.
+    registry_on = cfg.registry.enabled
     for name, folder, url_ok in (("paths.root", cfg.paths.root, False), ("paths.store", cfg.paths.store, True),
-                                 ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None, False)):
+                                 ("registry.uri", cfg.registry.uri if registry_on else None, False),
+                                 ("registry.blobs", cfg.registry.blobs if registry_on else None, True)):
         if not folder:
             continue
         if "://" in str(folder) and not url_ok:
