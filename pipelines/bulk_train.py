@@ -300,7 +300,7 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
                             task_options=task_options, on_rows=tracker.stream)
     results.sort(key=lambda r: (r.point_id, r.concept))
     # validate + register every membrane (same bytes -> same version), log the run to the tracker
-    from spm_train.registry import publish_results
+    from spm_train.registry import code_version, publish_results
 
     section = lambda name: OmegaConf.to_container(cfg[name], resolve=True)  # noqa: E731
     published = publish_results(
@@ -315,6 +315,7 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
         "trainer": plan.trainer.to_dict(), "sweep": plan.sweep,
         "results": [r.to_dict(with_history=False) for r in results],
         "publication": published.manifest_entry(),
+        "code_version": code_version(),
     })
     report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
     if report:
