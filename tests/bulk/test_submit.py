@@ -5,6 +5,7 @@ with the submitting checkout's code version although the shipped copy has no .gi
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +73,7 @@ def ray_head(monkeypatch):
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
