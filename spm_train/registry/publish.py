@@ -142,6 +142,9 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
                 "code_version": code_version(), "seed": trainer_dict.get("seed", getattr(trainer, "seed", None)),
                 "sweep_point": dict(r.point), "sweep_point_id": r.point_id, "wandb_run_id": tracker.run_id,
                 "wandb_project": None if tracker.run_id is None else getattr(tracker.run, "project", None),
+                # where the artifact went, so later alias changes reach it (pipelines.registry promote)
+                "wandb_entity": None if tracker.run_id is None else getattr(tracker.run, "entity", None),
+                "wandb_mode": None if tracker.run_id is None else ("offline" if tracker.offline else "online"),
                 "run_dir": run_dir, "result_key": r.key, "job_id": r.job_id, "node": r.node,
                 "trained_seconds": r.seconds, "pack_concepts": r.pack_concepts, "source_file": r.membrane,
             }
