@@ -9,7 +9,8 @@
 #
 # The job's driver loads the base model, validates the membranes and evaluates them: it reserves
 # SPM_DRIVER_CPUS CPUs (default 4), so Ray places it on a worker node with room for that work, never on
-# the head (which offers Ray no CPUs in launch/cluster.yaml and launch/kuberay.yaml).
+# the head (which offers Ray no CPUs in launch/cluster.yaml and launch/kuberay.yaml). A cluster without a
+# node that has that many free CPUs keeps the job pending: SPM_DRIVER_CPUS=0 runs the driver on the head.
 # `ray job submit` leaves .git behind, so the code version travels as SPM_CODE_VERSION (this checkout's
 # `git describe`, full hash, -dirty with uncommitted changes), which the run's manifest and the registry's
 # lineage record.
