@@ -108,3 +108,25 @@ def test_submit_sh_runs_the_bulk_job_on_a_ray_head_and_records_the_code_version(
         version = reg.resolve("cat")
     assert version.lineage["code_version"] == recorded
     assert os.path.isfile(home / "store" / "results" / manifest["results"][0]["key"] / "membrane.safetensors")
+
+
+def test_the_driver_of_a_submitted_job_leaves_the_jobs_variables_to_the_job(monkeypatch):
+    """Ray refuses a ray.init whose runtime env sets a variable the submitted job's runtime env sets: the
+    driver passes on only the variables the job does not set (the fast check of what the test above runs)."""
+    import ray
+
+    from spm_train.bulk.runner import ClusterOptions, connect
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job = {"runtime_env": {"env_vars": {"WANDB_MODE": "offline", "SPM_HOME": "/shared/spm"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    connect(ClusterOptions(address="local"))
+    env_vars = seen["runtime_env"]["env_vars"]
+    assert "WANDB_MODE" not in env_vars and env_vars["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    connect(ClusterOptions(address="local"))
+    assert seen["runtime_env"]["env_vars"]["WANDB_MODE"] == "offline"  # outside a submitted job: passed on
