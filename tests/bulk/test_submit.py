@@ -42,8 +42,12 @@ def ray_head(monkeypatch):
     """
     assert importlib.util.find_spec("aiohttp"), "`ray job submit` needs ray[default]: pip install -e '.[dev]'"
     temp = tempfile.mkdtemp(prefix="spmray")  # short: Ray's socket paths under it have a length limit
-    ports = {name: _free_port() for name in PORTS}
-    workers = _free_port()
+    workers = _free_port()  # workers take the 50 ports from here on: the others lie outside that range
+    ports = {}
+    while len(ports) < len(PORTS):
+        port = _free_port()
+        if not workers <= port <= workers + 50 and port not in ports.values():
+            ports[PORTS[len(ports)]] = port
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            # Ray turns 127.0.0.1 into the machine's network address; this keeps the whole cluster on loopback
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
