@@ -222,9 +222,12 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
     from spm_train.tracking import check_tracking
 
     problems = check_tracking(OmegaConf.to_container(cfg.tracking, resolve=True))
-    # (setting, folder, whether it may be a URL): the result store may; run folders and the SQLite index not
+    # (setting, folder, whether it may be a URL): the result store and the blobs may; run folders and the
+    # SQLite index not. An object store's filesystem package is checked here, before the model loads.
+    registry_on = cfg.registry.enabled
     for name, folder, url_ok in (("paths.root", cfg.paths.root, False), ("paths.store", cfg.paths.store, True),
-                                 ("registry.uri", cfg.registry.uri if cfg.registry.enabled else None, False)):
+                                 ("registry.uri", cfg.registry.uri if registry_on else None, False),
+                                 ("registry.blobs", cfg.registry.blobs if registry_on else None, True)):
         if not folder:
             continue
         if "://" in str(folder) and not url_ok:
@@ -297,7 +300,7 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
                             task_options=task_options, on_rows=tracker.stream)
     results.sort(key=lambda r: (r.point_id, r.concept))
     # validate + register every membrane (same bytes -> same version), log the run to the tracker
-    from spm_train.registry import publish_results
+    from spm_train.registry import code_version, publish_results
 
     section = lambda name: OmegaConf.to_container(cfg[name], resolve=True)  # noqa: E731
     published = publish_results(
@@ -312,6 +315,7 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
         "trainer": plan.trainer.to_dict(), "sweep": plan.sweep,
         "results": [r.to_dict(with_history=False) for r in results],
         "publication": published.manifest_entry(),
+        "code_version": code_version(),
     })
     report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
     if report:

@@ -9,6 +9,12 @@
     python -m pipelines.registry import bundle/
     python -m pipelines.registry import snoopy_last.safetensors --concept snoopy   # one file (also official SPM)
     python -m pipelines.registry gc [--dry-run]
+    python -m pipelines.registry wandb-aliases                     # W&B artifacts get the registry's aliases
+
+``promote`` and ``unalias`` carry the change to the version's W&B artifact when the version was logged
+to W&B: online through W&B's API, offline as a small offline run for ``wandb sync`` (``--wandb`` chooses;
+``WANDB_MODE=disabled`` turns it off). ``wandb-aliases`` (online) sets every logged artifact's aliases
+from the registry, e.g. after offline changes were synced.
 
 The registry is ``--root`` or ``$SPM_HOME/registry`` (``runs/registry`` without SPM_HOME). Errors are
 one line on stderr and exit code 2; ``verify`` and ``show`` exit 1 when they find a problem with a blob,
@@ -55,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     un = sub.add_parser("unalias", help="take an alias off a concept")
     un.add_argument("concept")
     un.add_argument("alias")
+    for command in (pr, un):
+        command.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
+                             help="carry the change to the W&B artifact: auto (the way the version was "
+                                  "logged), online, offline (a run for `wandb sync`) or off")
+        command.add_argument("--wandb-dir", default=None,
+                             help="where offline runs go (default: the registry's parent folder, beside "
+                                  "the bulk runs' wandb/)")
+    wa = sub.add_parser("wandb-aliases", help="give every W&B membrane artifact the registry's aliases (online)")
+    wa.add_argument("concept", nargs="?", help="only this concept")
     sub.add_parser("verify", help="re-hash every blob and check the index")
     ex = sub.add_parser("export", help="write a bundle: manifest.json, membranes, model cards")
     ex.add_argument("dir")
@@ -123,14 +138,60 @@ def cmd_show(args) -> int:
 def cmd_promote(args) -> int:
     with _open(args) as reg:
         v = reg.promote(args.ref, args.alias, force=args.force, reason=args.reason)
-    print(f"{v.concept}@{args.alias} -> {v.ref}" + (" (forced)" if args.force and v.status != "passed" else ""))
+    forced = args.force and v.status != "passed"
+    print(f"{v.concept}@{args.alias} -> {v.ref}" + (" (forced)" if forced else ""))
+    _mirror(args, v, {"action": "promote", "concept": v.concept, "alias": args.alias, "version": v.version,
+                      "sha256": v.sha256, "status": v.status, "forced": forced, "reason": args.reason})
     return 0
 
 
 def cmd_unalias(args) -> int:
     with _open(args) as reg:
+        v = reg.resolve(f"{args.concept}@{args.alias}")  # the version losing it (an unknown alias fails here)
         reg.remove_alias(args.concept, args.alias)
     print(f"removed {args.concept}@{args.alias}")
+    _mirror(args, v, {"action": "unalias", "concept": v.concept, "alias": args.alias, "version": v.version,
+                      "sha256": v.sha256})
+    return 0
+
+
+def _mirror(args, version, change: dict) -> None:
+    """The alias change, carried to the version's W&B artifact. The registry has changed whatever happens
+    here (it is the source of truth): a failure is a warning, and `wandb-aliases` can catch up later."""
+    from spm_train.tracking import mirror_alias
+
+    lineage = version.lineage
+    mode = (lineage.get("wandb_mode") or "offline") if args.wandb == "auto" else args.wandb
+    if args.wandb == "off" or os.environ.get("WANDB_MODE", "").lower() == "disabled" \
+            or not lineage.get("wandb_run_id"):  # never logged to W&B: there is no artifact to change
+        return
+    directory = args.wandb_dir or os.path.dirname(os.path.abspath(args.root or default_root()))
+    try:
+        print(mirror_alias({**change, "ref": version.ref}, mode=mode, directory=directory,
+                           project=lineage.get("wandb_project") or "spm-membranes",
+                           entity=lineage.get("wandb_entity")))
+    except Exception as exc:  # noqa: BLE001 - W&B raises its own types; the registry change stands
+        print(f"warning: the registry changed, W&B did not ({exc}); "
+              "`python -m pipelines.registry wandb-aliases` brings W&B in line later", file=sys.stderr)
+
+
+def cmd_wandb_aliases(args) -> int:
+    from spm_train.tracking import sync_aliases
+
+    with _open(args) as reg:
+        logged = [v for v in reg.versions(args.concept) if v.lineage.get("wandb_run_id")]
+    by_project: dict[tuple, list] = {}
+    for v in logged:
+        by_project.setdefault((v.lineage.get("wandb_project") or "spm-membranes", v.lineage.get("wandb_entity")),
+                              []).append(v)
+    for (project, entity), versions in sorted(by_project.items(), key=str):
+        try:
+            lines = sync_aliases(versions, project=project, entity=entity)
+        except Exception as exc:  # noqa: BLE001 - no key, no server: W&B raises its own types
+            raise SPMError(f"W&B project {project}: {exc}") from None
+        for line in lines:
+            print(line)
+    print(f"{len(logged)} version(s) logged to W&B checked")
     return 0
 
 
@@ -180,7 +241,7 @@ def cmd_gc(args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "unalias": cmd_unalias, "verify": cmd_verify,
-            "export": cmd_export, "import": cmd_import, "gc": cmd_gc}
+            "export": cmd_export, "import": cmd_import, "gc": cmd_gc, "wandb-aliases": cmd_wandb_aliases}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,32 @@ def current_umask() -> int:
     return mask
 
 
+# this package's extra (pyproject's optional-dependencies) that installs each object store's filesystem
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def filesystem_problem(url: str | os.PathLike) -> str | None:
+    """Why fsspec cannot open the filesystem of ``url`` here, or None when it can (or ``url`` is local).
+
+    Checks that every protocol of the URL (``s3://``, ``simplecache::gs://``) is one fsspec knows and that
+    the package implementing it imports, without connecting anywhere: a missing ``s3fs`` is found when a
+    config is validated, not when the first result is written after the model has loaded.
+    """
+    for part in os.fspath(url).split("::"):
+        protocol, _ = fsspec.core.split_protocol(part)
+        if protocol in (None, "file", "local"):
+            continue
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            return f"fsspec knows no filesystem for {protocol}:// URLs"
+        except ImportError as exc:
+            extra = _EXTRAS.get(protocol)
+            how = f"pip install 'spm-train[{extra}]'" if extra else f"{exc}"
+            return f"the {protocol}:// filesystem is not installed here: {how}"
+    return None
+
+
 def folder_problem(url: str | os.PathLike) -> str | None:
     """Why files cannot be written under the folder ``url`` (a path or fsspec URL), or None when they can.
 
@@ -76,6 +102,8 @@ def folder_problem(url: str | os.PathLike) -> str | None:
     or on a read-only mount).
     """
     url = os.fspath(url)
+    if (problem := filesystem_problem(url)) is not None:
+        return problem
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as exc:

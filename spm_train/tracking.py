@@ -125,7 +125,7 @@ class WandbTracker(NullTracker):
         import wandb
 
         artifact = wandb.Artifact(
-            name=f"membrane-{_artifact_safe(version.concept)}", type="membrane",
+            name=membrane_artifact_name(version.concept), type="membrane",
             description=f"SPM membrane erasing {version.concept} (registry {version.ref})",
             metadata={"registry_ref": version.ref, "concept": version.concept, "version": version.version,
                       "sha256": version.sha256, "status": version.status, "metrics": version.metrics,
@@ -139,6 +139,87 @@ class WandbTracker(NullTracker):
                 self.run.link_artifact(logged, self.registry_collection, aliases=list(version.aliases))
             except Exception as exc:  # linking is a convenience; the artifact itself is logged
                 logger.warning("could not link %s to %s: %s", version.ref, self.registry_collection, exc)
+
+
+def membrane_artifact_name(concept: str) -> str:
+    """The W&B artifact collection of a concept's membranes."""
+    return f"membrane-{_artifact_safe(concept)}"
+
+
+ALIAS_ACTIONS = ("promote", "unalias")
+
+
+def mirror_alias(change: Mapping[str, Any], *, mode: str, project: str, entity: str | None = None,
+                 directory: str = ".") -> str:
+    """Carry a registry alias change to the W&B artifact of the version; returns a line saying what was done.
+
+    ``change``: ``action`` (``promote``: the alias now names this version; ``unalias``: it was taken off),
+    ``concept``, ``alias``, ``version`` (the registry's number) and any detail worth recording.
+
+    ``online``: the artifact's aliases are edited through W&B's public API and saved. A promotion adds the
+    alias to the version's artifact (found by its ``registry-v<N>`` alias) and W&B moves it off any other
+    version of the collection, as the registry does; ``unalias`` takes it off the artifact that holds it.
+    ``offline``: without its server W&B cannot edit an artifact, and logging the artifact again would move
+    W&B's own ``latest`` to it, so the change is recorded in a small offline run (job type ``registry``;
+    config and summary hold the change) in ``directory``; ``wandb sync`` uploads it, and
+    ``python -m pipelines.registry wandb-aliases`` later sets every artifact's aliases from the registry.
+    """
+    action, concept, alias, number = change["action"], change["concept"], change["alias"], int(change["version"])
+    if action not in ALIAS_ACTIONS:
+        raise ValueError(f"unknown alias action {action!r}; supported: {', '.join(ALIAS_ACTIONS)}")
+    collection = membrane_artifact_name(concept)
+    if mode == "online":
+        import wandb
+
+        api = wandb.Api(timeout=30)
+        prefix = f"{entity}/{project}" if entity else project
+        if action == "promote":
+            artifact = api.artifact(f"{prefix}/{collection}:registry-v{number}", type="membrane")
+            if alias not in artifact.aliases:
+                artifact.aliases.append(alias)
+                artifact.save()
+        else:
+            artifact = api.artifact(f"{prefix}/{collection}:{alias}", type="membrane")
+            artifact.aliases = [a for a in artifact.aliases if a != alias]
+            artifact.save()
+        return f"W&B: {prefix}/{collection}:registry-v{number} {'now has' if action == 'promote' else 'lost'} {alias}"
+    if mode != "offline":
+        raise ValueError(f"unknown W&B mode {mode!r}; supported: offline, online")
+    record = {"registry_change": {**change, "artifact": f"{collection}:registry-v{number}"}}
+    with open_tracker({"backend": "wandb", "mode": "offline", "project": project, "entity": entity,
+                       "dir": directory, "system_stats": False}, root=directory, config=record,
+                      name=f"{action} {concept}@{alias}", job_type="registry") as tracker:
+        tracker.run.summary.update(record)
+        run_dir = tracker.run_dir
+    return f"W&B: {action} {concept}@{alias} recorded offline in {run_dir} (`wandb sync {run_dir}`)"
+
+
+def sync_aliases(versions: Sequence, *, project: str, entity: str | None = None) -> list[str]:
+    """Online: give the W&B artifact of every registry version in ``versions`` the registry's aliases.
+
+    The registry is the source of truth: each artifact (found by its ``registry-v<N>`` alias) ends with
+    that alias and the version's registry aliases; an alias the registry no longer gives it is taken off,
+    and W&B's own ``latest`` is left where W&B put it. Returns one line per artifact changed or missing.
+    """
+    import wandb
+
+    api = wandb.Api(timeout=30)
+    prefix = f"{entity}/{project}" if entity else project
+    lines = []
+    for version in versions:
+        name = f"{prefix}/{membrane_artifact_name(version.concept)}:registry-v{version.version}"
+        try:
+            artifact = api.artifact(name, type="membrane")
+        except (ValueError, wandb.errors.CommError) as exc:  # not found: ValueError; the server: CommError
+            lines.append(f"{version.ref}: no W&B artifact {name} ({exc})")
+            continue
+        wanted = {f"registry-v{version.version}", *version.aliases} - {"latest"}
+        wanted |= {"latest"} & set(artifact.aliases)
+        if set(artifact.aliases) != wanted:
+            artifact.aliases = sorted(wanted)
+            artifact.save()
+            lines.append(f"{version.ref}: {name} aliases now {', '.join(sorted(wanted))}")
+    return lines
 
 
 def _artifact_safe(name: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import math
 import os
@@ -67,7 +68,9 @@ def connect(options: ClusterOptions, temp_dir: str | None = None):
     if ray.is_initialized():
         return ray
     env = dict(options.runtime_env or {})
-    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "WANDB_MODE", "RAY_AUTH_MODE") if k in os.environ}
+    job_set = _submitted_job_env_vars()
+    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "WANDB_MODE", "RAY_AUTH_MODE")
+                if k in os.environ and k not in job_set}
     if env_vars:
         env["env_vars"] = {**env_vars, **env.get("env_vars", {})}
     kwargs: dict[str, Any] = {"runtime_env": env or None, "log_to_driver": False, "include_dashboard": False}
@@ -93,6 +96,19 @@ def connect(options: ClusterOptions, temp_dir: str | None = None):
         where = f"{target!r}{source}" if target else repr(address)
         raise ClusterError(f"cannot join the Ray cluster at {where}: {first_line(exc)}") from None
     return ray
+
+
+def _submitted_job_env_vars() -> set[str]:
+    """The variables the runtime env of a submitted Ray job sets (``ray job submit``, launch/submit.sh).
+
+    Ray hands the job's config to its driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and refuses a ``ray.init``
+    whose runtime env sets any of those variables again; the job's tasks get them from the job anyway.
+    """
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
 
 
 def _target(options: ClusterOptions) -> tuple[str | None, str]:

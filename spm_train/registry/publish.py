@@ -45,13 +45,28 @@ class Publication:
                                  "aliases": v.aliases} for k, v in self.versions.items()}}
 
 
+# Set by launch/submit.sh (and the image build, launch/Dockerfile): a submitted Ray job runs a copy of the
+# checkout without its .git, so the launcher sends the code version along
+CODE_VERSION_ENV = "SPM_CODE_VERSION"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """``git describe`` of the checkout this package runs from, else the installed package version."""
+    """The code version lineage records: ``$SPM_CODE_VERSION`` when a launcher set it, else ``git describe``
+    of the checkout this package runs from (the full commit hash, ``-dirty`` with uncommitted changes),
+    else the installed package version.
+
+    The variable comes first: a submitted job's code is the shipped copy it names, even where the node
+    also has a checkout of its own (a cluster's nodes may have one installed, at another commit).
+    """
+    shipped = os.environ.get(CODE_VERSION_ENV, "").strip()
+    if shipped:
+        return shipped
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
+        # the same command as launch/submit.sh, so a checkout and a submitted copy of it record the same string
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags", "--abbrev=40"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return f"git:{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
@@ -127,6 +142,9 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
                 "code_version": code_version(), "seed": trainer_dict.get("seed", getattr(trainer, "seed", None)),
                 "sweep_point": dict(r.point), "sweep_point_id": r.point_id, "wandb_run_id": tracker.run_id,
                 "wandb_project": None if tracker.run_id is None else getattr(tracker.run, "project", None),
+                # where the artifact went, so later alias changes reach it (pipelines.registry promote)
+                "wandb_entity": None if tracker.run_id is None else getattr(tracker.run, "entity", None),
+                "wandb_mode": None if tracker.run_id is None else ("offline" if tracker.offline else "online"),
                 "run_dir": run_dir, "result_key": r.key, "job_id": r.job_id, "node": r.node,
                 "trained_seconds": r.seconds, "pack_concepts": r.pack_concepts, "source_file": r.membrane,
             }

@@ -53,6 +53,7 @@ def test_publish_registers_validates_and_logs_to_an_offline_wandb_run(tmp_path, 
     lineage = snoopy.lineage
     assert lineage["base_fingerprint"] == base_info["fingerprint"] and lineage["config_hash"] == "key-snoopy-default"
     assert lineage["seed"] == 0 and lineage["wandb_run_id"] == first.wandb_run_id  # seed from the file's header
+    assert (lineage["wandb_project"], lineage["wandb_mode"]) == ("test", "offline")  # where alias changes go
     assert lineage["code_version"].startswith(("git:", "spm-train=="))
     assert snoopy.metrics["erasure_rate"] == pytest.approx(0.9) and snoopy.metrics["loss"] == pytest.approx(1.25)
     assert results[0].metrics["erasure_rate"] == pytest.approx(0.9)  # the summary sees the evaluation too
