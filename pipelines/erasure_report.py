@@ -4,9 +4,11 @@ phrasings, with the Pareto frontier and the bar.
     python -m pipelines.erasure_report
     python -m pipelines.erasure_report variants=[calibrated,phrasings] bench.samples=2
 
-Writes ``report.md``, ``report.json``, ``pareto.png`` and each variant's membranes under ``out``.
-The variant closest to the bar is also measured on ToyWorld's variant model (transfer) and with
-transport off (ablation).
+Writes ``report.md``, ``report.json``, ``pareto.png``, ``pictures/<concept>.png`` and each variant's
+membranes under ``out``. The variant closest to the bar is also measured on ToyWorld's variant model
+(transfer) and with transport off (ablation). A concept's picture has a row per setting (the base model,
+each variant alone, the best with all membranes together and with transport off) and a column per
+held-out prompt, each image labelled with the classifier's verdict.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
     out = str(cfg.out)
     os.makedirs(out, exist_ok=True)
     pipe = load_pipeline("base")
-    results, membranes_of = {}, {}
+    results, membranes_of, snapshots = {}, {}, {}
     benches, trained_by = {}, {}
     for name, (trainer, transport) in variants.items():
         fingerprint = trainer.fingerprint()
@@ -126,7 +128,8 @@ def run(cfg: DictConfig) -> dict:
             bench = ErasureBench(pipe, concepts, s) if base is None else base.with_settings(s)
             benches.setdefault("base_images", bench)
             benches[key] = bench
-        rows = benches[key].measure(membranes)
+        snapshots[name] = {}
+        rows = benches[key].measure(membranes, snapshots=snapshots[name])
         results[name] = {"trainer": trainer.to_dict(), "transport": transport,
                          "rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
         membranes_of[name] = membranes
@@ -139,7 +142,8 @@ def run(cfg: DictConfig) -> dict:
     base_bench = benches[_transport_key(transport)]
     if cfg.transport_off:
         off = base_bench.with_settings(dataclasses.replace(base_bench.settings, transport=False))
-        rows = off.measure(membranes_of[best])
+        snapshots["transport off"] = {}
+        rows = off.measure(membranes_of[best], snapshots=snapshots["transport off"])
         extra["transport_off"] = {"rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
     if cfg.transfer:
         del pipe
@@ -159,9 +163,28 @@ def run(cfg: DictConfig) -> dict:
               for n, r in results.items() for mode, s in r["summary"].items()}
     pareto_plot(points, os.path.join(out, "pareto.png"),
                 x_label="mean non-target accuracy drop (points)", y_label="mean P(target) after")
+    report["pictures"] = _write_pictures(out, concepts, benches["base_images"], snapshots, best)
     _write_markdown(report, out, markdown_table)
     logger.info("best variant: %s; report: %s", best, os.path.join(out, "report.md"))
     return report
+
+
+def _write_pictures(out: str, concepts, base_bench, snapshots: dict, best: str) -> dict[str, str]:
+    """``pictures/<concept>.png`` for every concept; returns concept -> path relative to ``out``."""
+    from spm_train.erasure import write_pictures
+
+    paths = {}
+    for c in concepts:
+        rows = [("base model (no membrane)", base_bench.snapshot(c.name))]
+        rows += [(name, snaps[(c.name, "alone")]) for name, snaps in snapshots.items()
+                 if name != "transport off" and (c.name, "alone") in snaps]
+        if (c.name, "together") in snapshots[best]:
+            rows.append((f"{best}, all membranes together", snapshots[best][(c.name, "together")]))
+        if (c.name, "alone") in snapshots.get("transport off", {}):
+            rows.append((f"{best}, transport off", snapshots["transport off"][(c.name, "alone")]))
+        paths[c.name] = os.path.relpath(write_pictures(os.path.join(out, "pictures", f"{c.name}.png"), c.name, rows),
+                                        out)
+    return paths
 
 
 def _stored(out: str, variant: str, concepts, trainer):
@@ -245,6 +268,11 @@ def _write_markdown(report: dict, out: str, markdown_table) -> None:
     for name, r in report["variants"].items():
         if name != report["best"]:
             lines += [f"## {name}", "", _rows_table(r["rows"], markdown_table), ""]
+    if report.get("pictures"):
+        lines += ["## Pictures", "", "Per concept: a row per setting, a column per held-out prompt (its first "
+                  "target prompts, then prompts not naming it), two samples each; the classifier's verdict "
+                  "under each image (red frame: it sees the concept), gamma above each group.", ""]
+        lines += [f"![{concept}]({path})\n" for concept, path in report["pictures"].items()]
     with io.atomic_output(os.path.join(out, "report.md")) as tmp:
         with open(tmp, "w") as fh:
             fh.write("\n".join(lines))

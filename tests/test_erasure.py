@@ -48,10 +48,11 @@ def _zero_membrane(pipe, name, concept):
     return membrane
 
 
-def test_a_membrane_that_changes_nothing_measures_as_nothing(bench):
+def test_a_membrane_that_changes_nothing_measures_as_nothing_and_is_pictured_as_such(bench, tmp_path):
     membranes = {"circle": _zero_membrane(bench.pipe, "circle", "a circle"),
                  "red": _zero_membrane(bench.pipe, "red", "red")}
-    rows = bench.measure(membranes)
+    snapshots = {}
+    rows = bench.measure(membranes, snapshots=snapshots)
     assert [(r.concept, r.equipped) for r in rows] == [
         ("circle", "alone"), ("red", "alone"), ("circle", "together"), ("red", "together")]
     for r in rows:
@@ -61,6 +62,35 @@ def test_a_membrane_that_changes_nothing_measures_as_nothing(bench):
     alone = {r.concept: r for r in rows if r.equipped == "alone"}
     assert alone["circle"].gamma_target == 1.0 and alone["circle"].gamma_nontarget < 0.5
     assert summarise(rows)["together"]["max_p_after"] == max(r.p_after for r in rows if r.equipped == "together")
+    _check_pictures(bench, snapshots, tmp_path)
+
+
+def _check_pictures(bench, snapshots, tmp_path):
+    """The same prompts in every setting, the verdicts and gamma, and the drawn picture's cells."""
+    import numpy as np
+    from PIL import Image
+
+    from spm_train.erasure import write_pictures
+    from spm_train.grids import GridLayout
+
+    assert set(snapshots) == {("circle", "alone"), ("red", "alone"), ("circle", "together"), ("red", "together")}
+    base, alone = bench.snapshot("circle"), snapshots[("circle", "alone")]
+    assert alone.prompts == base.prompts and alone.targets >= 1
+    assert all("circle" in p for p in base.prompts[:base.targets])
+    assert not any("circle" in p for p in base.prompts[base.targets:])
+    assert torch.equal(alone.images, base.images)  # a membrane with zero up-weights changes nothing
+    assert alone.captions[0] == "gamma 1.00" and base.captions[0] == ""  # "circle" opens its membrane
+    # the verdict: "circle" in the text exactly when the concept is flagged as seen
+    assert all((" circle" in " " + text) == seen for row in alone.verdicts for text, seen in row)
+    path = write_pictures(str(tmp_path / "circle.png"), "circle", [("base", base), ("calibrated", alone)])
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    layout = GridLayout(2, len(base.prompts), base.images.shape[1], tuple(base.images.shape[-2:]), header_lines=2,
+                        label_width=150)
+    assert picture.shape[:2] == (layout.size[1], layout.size[0])
+    x0, y0, x1, y1 = layout.box(1, 0, 1)
+    image = (alone.images[0, 1].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    f = int(layout.factor)
+    assert np.array_equal(picture[y0:y1, x0:x1], np.repeat(np.repeat(image, f, axis=0), f, axis=1))
 
 
 def test_only_prompts_that_open_a_membrane_are_rendered_again(bench, monkeypatch):
