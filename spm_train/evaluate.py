@@ -12,6 +12,9 @@ prompts and its non-target prompts without and with the membranes, and reports
   original and the membrane-equipped image of the same seed (pixels in [0, 1]; the scorer's features);
 - ``gamma_target`` / ``gamma_nontarget``: mean facilitated-transport permeability the prompts opened.
 
+It also keeps, for the report's grids, the first ``grid_samples`` images of every prompt without and with
+the membranes, what the scorer reads in each (``verdicts``) and each prompt's permeability (``Pictures``).
+
 Scorers: ``ToyWorldScorer`` reads shape, colour and style with the ToyWorld classifier; ``ClipScorer``
 serves real models with a CLIP model loaded from a local folder (CLIP score and CLIP accuracy).
 """
