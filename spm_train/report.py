@@ -165,7 +165,7 @@ def evaluation_report(directory: str, title: str, evaluations,
         sections.append(("Generations", ["Rows: the concept's probe prompts, then its non-target prompts. "
                                          "Columns: the base model, then each comparison. Above each group: "
                                          "the permeability gamma the prompt gives each equipped membrane. "
-                                         + VERDICT_LEGEND + ".", *figures]))
+                                         + VERDICT_LEGEND[0].upper() + VERDICT_LEGEND[1:] + ".", *figures]))
     _, html_path = write_report(directory, title, sections)
     return html_path
 
