@@ -66,10 +66,12 @@ class RunSummary:
     registry: str | None = None  # the registry folder, when the registry stage ran
     wandb_run_dir: str | None = None  # the W&B run folder, when tracking is on
     versions: dict[str, str] = field(default_factory=dict)  # result key -> "concept:vN"
-    report: str | None = None  # the evaluation report (report.md), when eval.enabled
+    report: str | None = None  # the evaluation report (report.html, report.md beside it), when eval.enabled
     objective: str = "loss"  # the config's objective, and its value over this run (NaN: incomplete)
     objective_value: float = math.nan
     sweep_label: str | None = None  # this run's point in a multirun (its overrides)
+    # mean erasure rate and non-target accuracy drop over the run (NaN: not evaluated), for the sweep's plot
+    measures: dict[str, float] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[ConceptResult]:
@@ -319,12 +321,13 @@ def _run(cfg: DictConfig, plan: RunPlan, run_dir: str, tracker, start: float,
     })
     report = _evaluate(cfg, plan, results, run_dir) if cfg.eval.enabled else None
     if report:
-        _log_report(tracker, os.path.dirname(report) if report.endswith(".md") else report)
+        _log_report(tracker, os.path.dirname(report) if os.path.isfile(report) else report)
     summary = RunSummary(results, run_dir, manifest, time.perf_counter() - start, plan,
                          registry=published.registry, wandb_run_dir=published.wandb_run_dir,
                          versions={k: v.ref for k, v in published.versions.items()}, report=report,
                          objective=cfg.objective, objective_value=_objective(cfg.objective, results, published),
-                         sweep_label=sweep_label)
+                         sweep_label=sweep_label,
+                         measures={m: _objective(m, results, published) for m in PLOTTED})
     _write_summary(summary)
     return summary
 
@@ -387,7 +390,7 @@ def _registry_section(cfg: DictConfig) -> dict:
 
 
 def _evaluate(cfg: DictConfig, plan: RunPlan, results: list[ConceptResult], run_dir: str) -> str | None:
-    """The evaluation report of the run's membranes, one per sweep point (report/<point>/report.md)."""
+    """The evaluation report of the run's membranes, one per sweep point (report/<point>/report.html)."""
     from pipelines.evaluate import evaluation_stage
     from spm_train.membrane import load_membrane
     from spm_train.models import load_base_model
@@ -452,9 +455,11 @@ def _write_summary(summary: RunSummary) -> None:
         with open(tmp, "w") as fh:
             fh.write("\n".join(lines) + "\n")
     value = None if math.isnan(summary.objective_value) else summary.objective_value
+    measures = {k: None if math.isnan(v) else v for k, v in summary.measures.items()}
     write_json(os.path.join(summary.run_dir, OBJECTIVE_FILE), {
         "objective": summary.objective, "direction": OBJECTIVES[summary.objective].direction, "value": value,
-        "point": summary.sweep_label or "default", "results": len(summary.results), "failed": len(summary.failed)})
+        "point": summary.sweep_label or "default", "results": len(summary.results), "failed": len(summary.failed),
+        **measures})
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -486,11 +491,12 @@ def print_summary(summary: RunSummary) -> None:
 
 FAILED_MARK = "FAILED"  # left in a multirun job's folder when the job failed
 OBJECTIVE_FILE = "objective.json"  # each run's objective, read back when its multirun ends
+PLOTTED = ("erasure", "preservation_drop")  # objectives kept beside the run's own, for the sweep's plot
 
 
 class SweepEnd(Callback):
-    """At the end of a multirun: one table comparing its jobs by their objective (``comparison.md`` in the
-    sweep folder), then exit status 1 when any job failed, after every job has run."""
+    """At the end of a multirun: one table and one plot comparing its jobs (``comparison.md`` and
+    ``comparison.png`` in the sweep folder), then exit status 1 when any job failed, after every job has run."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
@@ -513,12 +519,13 @@ class SweepEnd(Callback):
 
 
 def write_comparison(sweep_dir: str) -> str:
-    """``<sweep_dir>/comparison.md``: every job of a multirun, best objective first, failed jobs last."""
+    """``<sweep_dir>/comparison.md``: every job of a multirun, best objective first, failed jobs last; and
+    ``comparison.png`` beside it (see ``plot_comparison``), linked from the table."""
     import json
 
     from spm_train.io import atomic_output
 
-    rows, direction, name = [], "maximize", "objective"
+    rows, direction, name, measured = [], "maximize", "objective", {}
     for job_dir in sorted(glob.glob(os.path.join(sweep_dir, "*")), key=lambda d: (len(d), d)):
         if os.path.isfile(os.path.join(job_dir, OBJECTIVE_FILE)):
             with open(os.path.join(job_dir, OBJECTIVE_FILE)) as fh:
@@ -526,6 +533,7 @@ def write_comparison(sweep_dir: str) -> str:
             direction, name = data["direction"], data["objective"]
             note = f"{data['failed']} of {data['results']} failed" if data["failed"] else ""
             rows.append((os.path.basename(job_dir), data["point"], data["value"], note))
+            measured[data["point"]] = (data.get("preservation_drop"), data.get("erasure"), data["value"])
         elif os.path.isfile(os.path.join(job_dir, FAILED_MARK)):  # failed before it had a summary
             with open(os.path.join(job_dir, FAILED_MARK)) as fh:
                 point, _, reason = fh.read().strip().partition("\n")
@@ -536,11 +544,32 @@ def write_comparison(sweep_dir: str) -> str:
     lines = [f"# Sweep: jobs by {name} ({direction})", "", f"| job | sweep point | {name} | note |", "|---|---|---|---|"]
     lines += [f"| {job} | {point} | {'n/a' if value is None else f'{value:.4g}'} | {note} |"
               for job, point, value, note in rows]
+    plot = plot_comparison(measured, os.path.join(sweep_dir, "comparison.png"), objective=name, direction=direction)
+    if plot:
+        lines += ["", f"![the jobs compared]({os.path.basename(plot)})"]
     path = os.path.join(sweep_dir, "comparison.md")
     with atomic_output(path) as tmp:
         with open(tmp, "w") as fh:
             fh.write("\n".join(lines) + "\n")
     return path
+
+
+def plot_comparison(measured: dict[str, tuple], url: str, *, objective: str, direction: str) -> str | None:
+    """The sweep points as a picture, each labelled by its point: the share of probe images still showing the
+    concept (1 - erasure) against the non-target accuracy drop, Pareto front in red, when every finished job
+    was evaluated; otherwise the objective per point, the best in red. None when no job has a number."""
+    from spm_train.report import pareto_plot, scatter_plot
+
+    if measured and all(d is not None and e is not None for d, e, _ in measured.values()):
+        points = {point: (d, 1 - e) for point, (d, e, _) in measured.items()}
+        return pareto_plot(points, url, x_label="mean non-target accuracy drop",
+                           y_label="mean share of probe images still showing the concept (1 - erasure)")
+    valued = {point: v for point, (_, _, v) in measured.items() if v is not None}
+    if not valued:
+        return None
+    best = (max if direction == "maximize" else min)(valued, key=valued.get)
+    points = {point: (i + 1, v) for i, (point, v) in enumerate(valued.items())}
+    return scatter_plot(points, url, x_label="job (in run order)", y_label=f"{objective} ({direction})", highlight=[best])
 
 
 def _mark_failed(reason: str) -> None:

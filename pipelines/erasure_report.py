@@ -4,9 +4,11 @@ phrasings, with the Pareto frontier and the bar.
     python -m pipelines.erasure_report
     python -m pipelines.erasure_report variants=[calibrated,phrasings] bench.samples=2
 
-Writes ``report.md``, ``report.json``, ``pareto.png`` and each variant's membranes under ``out``.
-The variant closest to the bar is also measured on ToyWorld's variant model (transfer) and with
-transport off (ablation).
+Writes ``report.html`` (self-contained: tables, the Pareto plot and the pictures inline), ``report.md``,
+``report.json``, ``pareto.png``, ``pictures/<concept>.png`` and each variant's membranes under ``out``. The variant closest to the bar is also measured on ToyWorld's variant model
+(transfer) and with transport off (ablation). A concept's picture has a row per setting (the base model,
+each variant alone, the best with all membranes together and with transport off) and a column per
+held-out prompt, each image labelled with the classifier's verdict.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
 
     from spm_train import io
     from spm_train.erasure import ErasureBench, summarise
-    from spm_train.report import markdown_table, pareto_plot
+    from spm_train.report import pareto_plot
     from spm_train.toyworld import load_pipeline
     from spm_train.training import train_membranes
 
@@ -100,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
     out = str(cfg.out)
     os.makedirs(out, exist_ok=True)
     pipe = load_pipeline("base")
-    results, membranes_of = {}, {}
+    results, membranes_of, snapshots = {}, {}, {}
     benches, trained_by = {}, {}
     for name, (trainer, transport) in variants.items():
         fingerprint = trainer.fingerprint()
@@ -126,7 +128,8 @@ def run(cfg: DictConfig) -> dict:
             bench = ErasureBench(pipe, concepts, s) if base is None else base.with_settings(s)
             benches.setdefault("base_images", bench)
             benches[key] = bench
-        rows = benches[key].measure(membranes)
+        snapshots[name] = {}
+        rows = benches[key].measure(membranes, snapshots=snapshots[name])
         results[name] = {"trainer": trainer.to_dict(), "transport": transport,
                          "rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
         membranes_of[name] = membranes
@@ -139,7 +142,8 @@ def run(cfg: DictConfig) -> dict:
     base_bench = benches[_transport_key(transport)]
     if cfg.transport_off:
         off = base_bench.with_settings(dataclasses.replace(base_bench.settings, transport=False))
-        rows = off.measure(membranes_of[best])
+        snapshots["transport off"] = {}
+        rows = off.measure(membranes_of[best], snapshots=snapshots["transport off"])
         extra["transport_off"] = {"rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
     if cfg.transfer:
         del pipe
@@ -159,9 +163,28 @@ def run(cfg: DictConfig) -> dict:
               for n, r in results.items() for mode, s in r["summary"].items()}
     pareto_plot(points, os.path.join(out, "pareto.png"),
                 x_label="mean non-target accuracy drop (points)", y_label="mean P(target) after")
-    _write_markdown(report, out, markdown_table)
-    logger.info("best variant: %s; report: %s", best, os.path.join(out, "report.md"))
+    report["pictures"] = _write_pictures(out, concepts, benches["base_images"], snapshots, best)
+    path = _write_report(report, out)
+    logger.info("best variant: %s; report: %s", best, path)
     return report
+
+
+def _write_pictures(out: str, concepts, base_bench, snapshots: dict, best: str) -> dict[str, str]:
+    """``pictures/<concept>.png`` for every concept; returns concept -> path relative to ``out``."""
+    from spm_train.erasure import write_pictures
+
+    paths = {}
+    for c in concepts:
+        rows = [("base model (no membrane)", base_bench.snapshot(c.name))]
+        rows += [(name, snaps[(c.name, "alone")]) for name, snaps in snapshots.items()
+                 if name != "transport off" and (c.name, "alone") in snaps]
+        if (c.name, "together") in snapshots[best]:
+            rows.append((f"{best}, all membranes together", snapshots[best][(c.name, "together")]))
+        if (c.name, "alone") in snapshots.get("transport off", {}):
+            rows.append((f"{best}, transport off", snapshots["transport off"][(c.name, "alone")]))
+        paths[c.name] = os.path.relpath(write_pictures(os.path.join(out, "pictures", f"{c.name}.png"), c.name, rows),
+                                        out)
+    return paths
 
 
 def _stored(out: str, variant: str, concepts, trainer):
@@ -206,48 +229,58 @@ def _fmt_ci(ci) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _rows_table(rows, markdown_table) -> str:
-    return markdown_table(
-        ["concept", "equipped", "drawable", "P before", "P after", "P after 95% CI", "non-target drop (pts)",
-         "drop 95% CI", "pixel MSE", "rest of prompt drop (pts)", "γ target", "γ non-target"],
-        [[r["concept"], r["equipped"], r["drawable"], f"{r['p_before']:.2f}", f"{r['p_after']:.2f}",
-          _fmt_ci(r["p_after_ci"]), f"{r['nontarget_drop']:.1f}", _fmt_ci(r["nontarget_drop_ci"]),
-          f"{r['pixel_mse']:.2e}", f"{r.get('rest_drop', float('nan')):.1f}", f"{r['gamma_target']:.2f}",
-          f"{r['gamma_nontarget']:.2f}"] for r in rows])
+ROW_HEADER = ["concept", "equipped", "drawable", "P before", "P after", "P after 95% CI", "non-target drop (pts)",
+              "drop 95% CI", "pixel MSE", "rest of prompt drop (pts)", "γ target", "γ non-target"]
 
 
-def _write_markdown(report: dict, out: str, markdown_table) -> None:
-    from spm_train import io
+def _rows_table(rows):
+    from spm_train.report import Table
+
+    return Table(ROW_HEADER, [
+        [r["concept"], r["equipped"], r["drawable"], f"{r['p_before']:.2f}", f"{r['p_after']:.2f}",
+         _fmt_ci(r["p_after_ci"]), f"{r['nontarget_drop']:.1f}", _fmt_ci(r["nontarget_drop_ci"]),
+         f"{r['pixel_mse']:.2e}", f"{r.get('rest_drop', float('nan')):.1f}", f"{r['gamma_target']:.2f}",
+         f"{r['gamma_nontarget']:.2f}"] for r in rows])
+
+
+def _write_report(report: dict, out: str) -> str:
+    """``report.md`` and a self-contained ``report.html`` (tables from the rows, pictures inline) in ``out``;
+    returns the HTML's path."""
+    from spm_train.report import Figure, Table, write_report
 
     bar = report["bar"]
-    lines = [f"# Erasure report: {', '.join(report['concepts'])}", "",
-             f"Command: `{report['command']}`", "",
-             "Held-out evaluation templates (`spm_train/toyworld/eval_prompts.py`), drawable prompts only "
-             f"(base draws the target in >= {report['settings']['draw_threshold']:.0%} of "
+    intro = (f"Command: {report['command']}. Held-out evaluation templates (spm_train/toyworld/eval_prompts.py), "
+             f"drawable prompts only (base draws the target in >= {report['settings']['draw_threshold']:.0%} of "
              f"{report['settings']['samples']} samples). Bar: alone P after <= {bar['alone']['max_p_after']}, "
              f"non-target drop <= {bar['alone']['max_nontarget_drop']} pts; together "
-             f"<= {bar['together']['max_p_after']}, <= {bar['together']['max_nontarget_drop']} pts.", "",
-             "## Variants", ""]
+             f"<= {bar['together']['max_p_after']}, <= {bar['together']['max_nontarget_drop']} pts.")
     summary_rows = []
     for name, r in report["variants"].items():
         for mode, s in r["summary"].items():
             summary_rows.append([name, mode, f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
                                  f"{s['max_nontarget_drop']:.1f}", f"{s['mean_nontarget_drop']:.1f}",
                                  f"{s['mean_pixel_mse']:.2e}", f"{s.get('mean_rest_drop', float('nan')):.1f}"])
-    lines += [markdown_table(["variant", "equipped", "max P after", "mean P after", "max non-target drop",
-                              "mean non-target drop", "mean pixel MSE", "mean rest-of-prompt drop"],
-                             summary_rows), "",
-              "![Pareto](pareto.png)", "", f"## Best: {report['best']}", "",
-              _rows_table(report["variants"][report["best"]]["rows"], markdown_table), ""]
+    variants = [intro, Table(["variant", "equipped", "max P after", "mean P after", "max non-target drop",
+                              "mean non-target drop", "mean pixel MSE", "mean rest-of-prompt drop"], summary_rows)]
+    if os.path.exists(os.path.join(out, "pareto.png")):
+        variants.append(Figure("Pareto: mean P(target) after against mean non-target drop",
+                               os.path.join(out, "pareto.png")))
+    sections = [("Variants", variants),
+                (f"Best: {report['best']}", _rows_table(report["variants"][report["best"]]["rows"]))]
     for key, title in (("transfer", "On the variant model (transfer)"), ("transport_off", "Transport off")):
         if key in report["best_extra"]:
-            lines += [f"## {title}", "", _rows_table(report["best_extra"][key]["rows"], markdown_table), ""]
+            sections.append((title, _rows_table(report["best_extra"][key]["rows"])))
     for name, r in report["variants"].items():
         if name != report["best"]:
-            lines += [f"## {name}", "", _rows_table(r["rows"], markdown_table), ""]
-    with io.atomic_output(os.path.join(out, "report.md")) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write("\n".join(lines))
+            sections.append((name, _rows_table(r["rows"])))
+    if report.get("pictures"):
+        sections.append(("Pictures", [
+            "Per concept: a row per setting, a column per held-out prompt (its first target prompts, then "
+            "prompts not naming it), two samples each; the classifier's verdict under each image (red frame: "
+            "it sees the concept), gamma above each group.",
+            *(Figure(concept, os.path.join(out, path)) for concept, path in report["pictures"].items())]))
+    _, html_path = write_report(out, f"Erasure report: {', '.join(report['concepts'])}", sections)
+    return html_path
 
 
 @hydra.main(config_path="../conf", config_name="erasure_report", version_base="1.3")

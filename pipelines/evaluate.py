@@ -1,4 +1,5 @@
-"""Evaluate the membranes of a bulk run and write the report (Markdown + HTML + before/after grids).
+"""Evaluate the membranes of a bulk run and write the report: a self-contained ``report.html`` (its
+labelled grids inline), ``report.md`` with the grids under ``grids/``, and ``metrics.json``.
 
     python -m pipelines.evaluate                                   # the latest bulk run under $SPM_HOME
     python -m pipelines.evaluate manifest=runs/bulk/<time>/manifest.json eval.ablation=true
@@ -46,7 +47,7 @@ def settings_from(cfg: DictConfig):
     e = cfg.eval
     return EvalSettings(samples_per_prompt=e.samples_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
                         seed=e.seed, batch_size=e.batch_size, similarity=e.similarity, threshold=e.threshold,
-                        draw_threshold=e.draw_threshold)
+                        draw_threshold=e.draw_threshold, grid_samples=e.grid_samples)
 
 
 def scorer_from(cfg: DictConfig, source: str):
@@ -73,7 +74,8 @@ def _eval_number_problems(e: DictConfig) -> list[str]:
     """Finite numbers in range: NaN passes every comparison, so it would reach the sampler unnoticed."""
     from spm_train.config import number_problem
 
-    limits = {"guidance_scale": 0, "threshold": 0, "samples_per_prompt": 1, "steps": 1, "batch_size": 1}
+    limits = {"guidance_scale": 0, "threshold": 0, "samples_per_prompt": 1, "steps": 1, "batch_size": 1,
+              "grid_samples": 0}
     problems = [number_problem(f"eval.{name}", e[name], minimum=least) for name, least in limits.items()]
     if not problems[1] and e.threshold >= 1:
         problems.append(f"eval.threshold must be < 1 (the calibrated cosine's zero point), got {e.threshold}")
@@ -134,7 +136,7 @@ def train_ablations(pipe, concepts: list[ConceptSpec], trainer: TrainerConfig, s
 
 def evaluation_stage(cfg: DictConfig, pipe, source: str, concepts: list[ConceptSpec], membranes: dict, out_dir: str,
                      ablations: dict | None = None, title: str | None = None) -> tuple[list, str]:
-    """Score every membrane and write the report into ``out_dir``; returns (evaluations, report path)."""
+    """Score every membrane and write the report into ``out_dir``; returns (evaluations, report.html's path)."""
     from spm_train.evaluate import evaluate_set
     from spm_train.report import evaluation_report
 

@@ -4,8 +4,10 @@
     python -m pipelines.generate model=sd15 membranes=[snoopy,vangogh:v2] 'prompts=[a cat,starry night]'
 
 Every membrane is read from the registry and its sha256 checked before use. Writes
-``original_<i>.png``, ``membranes_<i>.png`` and ``grid.png`` (one row per prompt: original | with
-membranes) to the run folder, and records the grid with each version used (shown in its model card).
+``original_<i>.png``, ``membranes_<i>.png`` and ``grid.png`` to the run folder: one row per prompt,
+labelled with it, original | with membranes, and above each membrane image the permeability gamma the
+prompt gives each equipped membrane (small images enlarged, see ``spm_train.grids``). The grid is
+recorded with each version used (shown in its model card).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class GenerateResult:
 def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
     import torch
 
+    from spm_train.grids import save_png
     from spm_train.models import load_base_model
     from spm_train.registry import Registry
     from spm_train.transport import apply_membranes
@@ -123,12 +126,14 @@ def generate(cfg: DictConfig, *, run_dir: str | None = None) -> GenerateResult:
                                  similarity=cfg.similarity, threshold=cfg.threshold, scaling=cfg.scaling)
         try:
             edited = [_sample(pipe, prompt, cfg.seed + i, kwargs) for i, prompt in enumerate(prompts)]
+            gamma = handle.prompt_permeability(prompts)
         finally:
             handle.remove()
         originals = [_sample(pipe, prompt, cfg.seed + i, kwargs) for i, prompt in enumerate(prompts)]
-        paths_o = [_save(img, os.path.join(run_dir, f"original_{i}.png")) for i, img in enumerate(originals)]
-        paths_m = [_save(img, os.path.join(run_dir, f"membranes_{i}.png")) for i, img in enumerate(edited)]
-        grid = _save(_grid(originals, edited), os.path.join(run_dir, "grid.png"))
+        paths_o = [save_png(img, os.path.join(run_dir, f"original_{i}.png")) for i, img in enumerate(originals)]
+        paths_m = [save_png(img, os.path.join(run_dir, f"membranes_{i}.png")) for i, img in enumerate(edited)]
+        grid = os.path.join(run_dir, "grid.png")
+        _grid(grid, prompts, originals, edited, [v.ref for v in versions], gamma, cfg)
         for v in versions:
             reg.record_image(v, grid, prompt="; ".join(prompts))
     logger.info("wrote %d prompt(s) x 2 images and %s", len(prompts), grid)
@@ -142,20 +147,14 @@ def _sample(pipe, prompt: str, seed: int, kwargs: dict):
     return pipe(prompt, generator=generator, **kwargs).images[0]
 
 
-def _save(image, path: str) -> str:
-    image.save(path)
-    return path
+def _grid(url: str, prompts, originals, edited, refs: list[str], gamma, cfg: DictConfig) -> None:
+    """One row per prompt (its label on the left): original | with membranes, gamma above the latter."""
+    from spm_train.grids import Group, Tile, gamma_caption, write_grid
 
-
-def _grid(originals, edited):
-    from PIL import Image
-
-    w, h = originals[0].size
-    grid = Image.new("RGB", (2 * w, h * len(originals)), "white")
-    for row, (a, b) in enumerate(zip(originals, edited)):
-        grid.paste(a, (0, row * h))
-        grid.paste(b, (w, row * h))
-    return grid
+    rows = [[Group([Tile(a)]), Group([Tile(b)], gamma_caption(refs, g.tolist(), transport=cfg.transport))]
+            for a, b, g in zip(originals, edited, gamma)]
+    header = [f"{', '.join(refs)}; seed {cfg.seed} + row, {cfg.steps} steps, guidance {cfg.guidance_scale}"]
+    write_grid(url, prompts, ["original", "with membranes"], rows, header=header)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")

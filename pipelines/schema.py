@@ -112,6 +112,8 @@ class EvalConfig:
     threshold: float = 0.85
     # erasure counted on probes the base draws the concept in at least this often
     draw_threshold: float = 0.5
+    # images per prompt shown in the report's grids (each with the scorer's verdict)
+    grid_samples: int = 4
     # also train each concept without latent anchoring, for the paper's ablation
     ablation: bool = False
 

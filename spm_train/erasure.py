@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import ConceptSpec
 from .evaluate import _prompt_seed
+from .grids import VERDICT_LEGEND, Group, Tile, gamma_caption, write_grid
 from .membrane import Membrane
 from .prompts import concept_words
 from .toyworld.eval_prompts import EvalPrompt, concept_head, erasure_prompts
@@ -75,6 +76,19 @@ class ErasureRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Snapshot:
+    """What the report's pictures show of one concept under one setting: a few of its prompts (drawable
+    target prompts first, then prompts not naming it), a few samples each, the classifier's verdicts and the
+    gamma each prompt gives the equipped membranes."""
+
+    prompts: list[str]
+    targets: int  # the first ``targets`` prompts name the concept
+    images: torch.Tensor  # [prompts, samples, 3, H, W]
+    verdicts: list[list[tuple[str, bool]]]  # [prompt][sample]: (what the classifier reads, concept seen)
+    captions: list[str]  # per prompt: the gamma of each equipped membrane
 
 
 def bootstrap_mean(values: torch.Tensor, draws: int, seed: int = 0) -> tuple[float, float]:
@@ -227,8 +241,10 @@ class ErasureBench:
             gamma_target=_mean(g_target), gamma_nontarget=_mean(g_other),
         )
 
-    def measure(self, membranes: dict[str, Membrane], *, alone: bool = True, together: bool = True) -> list[ErasureRow]:
-        """Rows for every concept with a membrane: alone, and all equipped together."""
+    def measure(self, membranes: dict[str, Membrane], *, alone: bool = True, together: bool = True,
+                snapshots: dict | None = None) -> list[ErasureRow]:
+        """Rows for every concept with a membrane: alone, and all equipped together. ``snapshots``, when
+        given, receives each row's pictures under the key (concept, "alone" or "together")."""
         rows = []
         names = [c.name for c in self.concepts if c.name in membranes]
         if alone:
@@ -237,13 +253,65 @@ class ErasureBench:
                 word = self.words[name]
                 nontarget = [i for i, p in enumerate(self.prompts) if p.value(concept_head(word)) != word]
                 rows.append(self._row(name, "alone", images, labels, gamma, 0, nontarget, frozenset({word})))
+                if snapshots is not None:
+                    snapshots[(name, "alone")] = self.snapshot(name, images, labels, gamma, [name])
         if together and len(names) > 1:
             images, labels, gamma = self.generations([membranes[n] for n in names])
             erased = frozenset(self.words[n] for n in names)
             nontarget = [i for i, p in enumerate(self.prompts) if not erased & {v for _, v in p.attributes}]
             for name in names:
                 rows.append(self._row(name, "together", images, labels, gamma, -1, nontarget, erased))
+                if snapshots is not None:
+                    snapshots[(name, "together")] = self.snapshot(name, images, labels, gamma, names)
         return rows
+
+    # -- pictures ----------------------------------------------------------------------------
+    def picture_rows(self, name: str, targets: int = 2, others: int = 2) -> tuple[list[int], int]:
+        """The prompts the pictures of ``name`` show: its first target prompts (drawable ones first) and
+        the first prompts not naming it (other concepts' prompts come first); and how many are targets."""
+        word = self.words[name]
+        head = concept_head(word)
+        target_rows = [self.index[p.text] for p in self.targets[name]]
+        seen = self._present(self.base_labels, name, target_rows).tolist()
+        drawable = [r for r, b in zip(target_rows, seen) if b >= self.settings.draw_threshold]
+        chosen = (drawable + [r for r in target_rows if r not in drawable])[:targets]
+        rest = [i for i, p in enumerate(self.prompts) if p.value(head) != word][:others]
+        return chosen + rest, len(chosen)
+
+    def snapshot(self, name: str, images: torch.Tensor | None = None, labels: dict | None = None,
+                 gamma: torch.Tensor | None = None, equipped: Sequence[str] = (), samples: int = 2) -> Snapshot:
+        """``name``'s pictures from ``generations``' output (default: the base generations, no membrane)."""
+        rows, n_targets = self.picture_rows(name)
+        images = self.base if images is None else images
+        labels = self.base_labels if labels is None else labels
+        k = min(samples, self.settings.samples)
+        word = self.words[name]
+        head = concept_head(word)
+        heads = self.classifier.config.heads
+        order = [h for h in ("style", "colour", "shape") if h in heads]
+        verdicts = []
+        for r in rows:
+            named = {h for h, _ in self.prompts[r].attributes} | {head}
+            verdicts.append([(" ".join(heads[h][int(labels[h][r, j])] for h in order if h in named),
+                              heads[head][int(labels[head][r, j])] == word) for j in range(k)])
+        captions = ["" if gamma is None else gamma_caption(list(equipped), gamma[r].tolist(),
+                                                            transport=self.settings.transport) for r in rows]
+        return Snapshot(prompts=[self.prompts[r].text for r in rows], targets=n_targets,
+                        images=images[rows, :k].clone(), verdicts=verdicts, captions=captions)
+
+
+def write_pictures(url: str, concept: str, rows: Sequence[tuple[str, Snapshot]]) -> str:
+    """One concept's picture: a row per setting (base, each variant, transport off...), a column per
+    prompt, each image with the classifier's verdict and each group with its gamma. Written atomically."""
+    first = rows[0][1]
+    if any(s.prompts != first.prompts for _, s in rows):
+        raise ValueError(f"{concept}: every row of a picture must show the same prompts")
+    titles = [("target: " if c < first.targets else "other: ") + p for c, p in enumerate(first.prompts)]
+    groups = [[Group([Tile(image, *v) for image, v in zip(s.images[c], s.verdicts[c])], s.captions[c])
+               for c in range(len(first.prompts))] for _, s in rows]
+    header = [f"{concept}: held-out prompts, the same seeds in every row", VERDICT_LEGEND]
+    write_grid(url, [label for label, _ in rows], titles, groups, header=header, label_width=150)
+    return url
 
 
 def _mean(values: torch.Tensor) -> float:

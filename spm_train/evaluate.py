@@ -12,6 +12,9 @@ prompts and its non-target prompts without and with the membranes, and reports
   original and the membrane-equipped image of the same seed (pixels in [0, 1]; the scorer's features);
 - ``gamma_target`` / ``gamma_nontarget``: mean facilitated-transport permeability the prompts opened.
 
+It also keeps, for the report's grids, the first ``grid_samples`` images of every prompt without and with
+the membranes, what the scorer reads in each (``verdicts``) and each prompt's permeability (``Pictures``).
+
 Scorers: ``ToyWorldScorer`` reads shape, colour and style with the ToyWorld classifier; ``ClipScorer``
 serves real models with a CLIP model loaded from a local folder (CLIP score and CLIP accuracy).
 """
@@ -45,9 +48,14 @@ class EvalSettings:
     threshold: float = 0.85
     # erasure is counted on probes the base draws the concept in at least this often ("drawable")
     draw_threshold: float = 0.5
+    # images per prompt kept for the report's grids, with the scorer's verdict on each (0: none kept)
+    grid_samples: int = 4
 
 
 class Scorer(Protocol):
+    """What a scorer reads. It may also offer ``verdicts(images, prompts, concept)``: per image, a short
+    text of what it reads and whether it sees the concept (the grids' labels; see ``verdicts``)."""
+
     def concept_present(self, images: torch.Tensor, concept: ConceptSpec) -> torch.Tensor: ...
 
     def prompt_accuracy(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
@@ -89,6 +97,32 @@ def probe_prompts(concept: ConceptSpec) -> list[str]:
     return list(concept.probes) or [concept.target]
 
 
+def verdicts(scorer: Scorer, images: torch.Tensor, prompts: Sequence[str],
+             concept: ConceptSpec) -> list[tuple[str, bool]]:
+    """Per image: what ``scorer`` reads in it (a few words) and whether it sees ``concept``."""
+    own = getattr(scorer, "verdicts", None)
+    if own is not None:
+        return own(images, prompts, concept)
+    present = scorer.concept_present(images, concept).tolist()
+    return [(f"{concept.name} seen" if p else f"no {concept.name}", bool(p)) for p in present]
+
+
+@dataclass
+class Pictures:
+    """The first samples of every prompt without and with the membranes (same seeds), what the scorer
+    reads in each, and the permeability each prompt gives each equipped membrane: the report's grids."""
+
+    prompts: list[str]
+    probes: int  # the first ``probes`` prompts show the concept, the rest are its non-target prompts
+    before: torch.Tensor  # [prompts, samples, 3, H, W] in [0, 1]
+    after: torch.Tensor
+    verdicts_before: list[list[tuple[str, bool]]]  # [prompt][sample]: (what the scorer reads, concept seen)
+    verdicts_after: list[list[tuple[str, bool]]]
+    membranes: list[str]
+    gamma: torch.Tensor  # [prompts, membranes]
+    transport: bool
+
+
 @dataclass
 class ConceptEvaluation:
     concept: str
@@ -108,8 +142,8 @@ class ConceptEvaluation:
     gamma_nontarget: float | None
     samples: int
     drawable: int = 0  # probe prompts the base draws the concept in (the ones erasure is counted on)
-    # first sample of every prompt, without and with the membranes: (prompts, before, after)
-    images: tuple | None = field(default=None, repr=False, compare=False)
+    # the first ``grid_samples`` images of every prompt, without and with the membranes
+    images: Pictures | None = field(default=None, repr=False, compare=False)
     equipped: str = "alone"  # "alone" or "all together"
     anchoring: bool = True  # False: the membrane was trained without latent anchoring (ablation)
 
@@ -144,6 +178,7 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
             gammas.append(g.max(dim=1).values)
 
         after, _ = generate(pipe, prompts, settings, on_batch=record_gamma)
+        prompt_gamma = handle.prompt_permeability(prompts) if settings.grid_samples > 0 else None
     n_probe = len(probes) * settings.samples_per_prompt
     is_probe = torch.zeros(len(flat), dtype=torch.bool)
     is_probe[:n_probe] = True
@@ -178,14 +213,32 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
             nontarget_pixel_mse=F.mse_loss(after[~is_probe], before[~is_probe]).item(),
             nontarget_feature_distance=(fa - fb).norm(dim=1).mean().item(),
         )
-    first = list(range(0, len(flat), settings.samples_per_prompt))
-    result["images"] = (prompts, before[first], after[first])
+    if prompt_gamma is not None:
+        result["images"] = _pictures(scorer, concept, prompts, len(probes), before, after, settings,
+                                     [m.name for m in membranes], prompt_gamma)
     evaluation = ConceptEvaluation(**result)
     drop = evaluation.preservation_drop
     logger.info("evaluated %s with %s (transport %s): erasure %.2f, preservation drop %s", concept.name,
                 evaluation.membranes, settings.transport, evaluation.erasure_rate,
                 "-" if drop is None else f"{drop:.2f}")
     return evaluation
+
+
+def _pictures(scorer, concept, prompts, probes, before, after, settings, names, gamma) -> Pictures:
+    spp = settings.samples_per_prompt
+    k = min(settings.grid_samples, spp)
+    keep = [p * spp + j for p in range(len(prompts)) for j in range(k)]
+    texts = [prompts[i // spp] for i in keep]
+
+    def read(images):
+        flat = verdicts(scorer, images, texts, concept)
+        return [flat[p * k:(p + 1) * k] for p in range(len(prompts))]
+
+    shape = (len(prompts), k, *before.shape[1:])
+    return Pictures(prompts=list(prompts), probes=probes, before=before[keep].view(shape),
+                    after=after[keep].view(shape), verdicts_before=read(before[keep]),
+                    verdicts_after=read(after[keep]), membranes=names, gamma=gamma.float(),
+                    transport=settings.transport)
 
 
 # -- scorers -----------------------------------------------------------------------------------------
@@ -220,6 +273,20 @@ class ToyWorldScorer:
     def concept_present(self, images, concept):
         head, cls = self.concept_attribute(concept)
         return self.classifier.classify(images)[head] == cls
+
+    def verdicts(self, images, prompts, concept):
+        """The style, colour and shape it reads (those the prompt or the concept names), and whether the
+        concept's attribute is among them."""
+        head, cls = self.concept_attribute(concept)
+        preds = self.classifier.classify(images)
+        order = [h for h in ("style", "colour", "shape") if h in self.heads]
+        order += [h for h in self.heads if h not in order]
+        out = []
+        for i, prompt in enumerate(prompts):
+            named = set(self.attributes(prompt)) | {head}
+            words = [self.heads[h][int(preds[h][i])] for h in order if h in named]
+            out.append((" ".join(words), bool(preds[head][i] == cls)))
+        return out
 
     def prompt_accuracy(self, images, prompts):
         preds = self.classifier.classify(images)
@@ -273,6 +340,12 @@ class ClipScorer:
         candidates = [concept.target] + [p for p in concept.nontarget if p != concept.target]
         sims = self.image_embeds(images) @ self.text_embeds(candidates).T
         return sims.argmax(dim=1) == 0
+
+    def verdicts(self, images, prompts, concept):
+        """The candidate prompt (the target or a non-target) the image is closest to."""
+        candidates = [concept.target] + [p for p in concept.nontarget if p != concept.target]
+        best = (self.image_embeds(images) @ self.text_embeds(candidates).T).argmax(dim=1).tolist()
+        return [(candidates[b], b == 0) for b in best]
 
     def prompt_accuracy(self, images, prompts):
         unique = sorted(set(prompts))

@@ -1,44 +1,34 @@
-"""Pictures and pages: before/after grids of generations and the evaluation report (Markdown + HTML)."""
+"""Pages and plots: the evaluation report (Markdown, and self-contained HTML with its grids inline),
+the labelled before/after grids of each concept, and scatter plots of named points."""
 
 from __future__ import annotations
 
+import base64
 import html
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, Union
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import io
+from .grids import VERDICT_LEGEND, Group, Tile, gamma_caption, write_grid
 
 
-def _to_pil(image: torch.Tensor, size: int) -> Image.Image:
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array).resize((size, size), Image.NEAREST)
+@dataclass
+class Table:
+    header: Sequence[str]
+    rows: Sequence[Sequence]
 
 
-def comparison_grid(rows: Sequence[str], columns: Sequence[tuple[str, torch.Tensor]], url: str,
-                    cell: int = 96, label_width: int = 200) -> str:
-    """A PNG with one row per prompt and one column per image set (e.g. original | membrane).
+@dataclass
+class Figure:
+    caption: str
+    path: str  # a PNG: linked from report.md, embedded in report.html
 
-    ``columns``: (title, images [len(rows), 3, H, W] in [0, 1]). Written atomically; returns ``url``.
-    """
-    font = ImageFont.load_default()
-    header = 18
-    width = label_width + cell * len(columns)
-    height = header + cell * len(rows)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, (title, _) in enumerate(columns):
-        draw.text((label_width + c * cell + 4, 3), title[:16], fill="black", font=font)
-    for r, prompt in enumerate(rows):
-        y = header + r * cell
-        draw.text((4, y + cell // 2 - 6), prompt[:32], fill="black", font=font)
-        for c, (_, images) in enumerate(columns):
-            canvas.paste(_to_pil(images[r], cell), (label_width + c * cell, y))
-    with io.atomic_output(url) as tmp:
-        canvas.save(tmp, format="PNG")
-    return url
+
+# a section's body: paragraphs (str), tables and figures, in order
+Block = Union[str, Table, Figure]
 
 
 def _cell(value) -> str:
@@ -55,50 +45,55 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def write_report(directory: str, title: str, sections: Sequence[tuple[str, str]],
-                 images: Sequence[tuple[str, str]]) -> tuple[str, str]:
-    """Write ``report.md`` and ``report.html``: text sections (Markdown tables allowed) and titled pictures."""
+def html_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>\n" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+
+
+def html_figure(caption: str, path: str) -> str:
+    """The PNG at ``path`` inline (a data URI), at its own size: a grid's enlarged pixels stay sharp."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with Image.open(path) as image:
+        width, height = image.size
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return (f"<figure><figcaption>{html.escape(caption)}</figcaption><div class='scroll'>"
+            f"<img src='{uri}' width='{width}' height='{height}' alt='{html.escape(caption)}'></div></figure>")
+
+
+_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
+          "td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}"
+          "figcaption{font-weight:bold;margin-bottom:.4em}.scroll{overflow-x:auto}img{max-width:none}")
+
+
+def write_report(directory: str, title: str, sections: Sequence[tuple[str, Block | Sequence[Block]]]
+                 ) -> tuple[str, str]:
+    """``report.md`` (figures linked) and a self-contained ``report.html`` (figures inline, tables as
+    HTML tables built from the same rows), both written atomically; returns their paths."""
     md = [f"# {title}", ""]
-    for heading, body in sections:
-        md += [f"## {heading}", "", body, ""]
-    if images:
-        md += ["## Generations (rows: prompts; columns: original | with membranes)", ""]
-        for caption, path in images:
-            md += [f"### {caption}", "", f"![{caption}]({os.path.relpath(path, directory)})", ""]
-    md_path = os.path.join(directory, "report.md")
-    with io.atomic_output(md_path) as tmp, open(tmp, "w") as fh:
-        fh.write("\n".join(md))
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    for heading, body in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>{_markdown_to_html(body)}")
-    for caption, path in images:
-        parts.append(f"<h3>{html.escape(caption)}</h3><img src='{html.escape(os.path.relpath(path, directory))}'>")
+    parts = ["<!DOCTYPE html>", f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for heading, blocks in sections:
+        md += [f"## {heading}", ""]
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for block in [blocks] if isinstance(blocks, (str, Table, Figure)) else blocks:
+            if isinstance(block, Table):
+                md += [markdown_table(block.header, block.rows), ""]
+                parts.append(html_table(block.header, block.rows))
+            elif isinstance(block, Figure):
+                md += [f"### {block.caption}", "", f"![{block.caption}]({os.path.relpath(block.path, directory)})", ""]
+                parts.append(html_figure(block.caption, block.path))
+            else:
+                md += [block, ""]
+                parts.append(f"<p>{html.escape(block)}</p>")
     parts.append("</body></html>")
-    html_path = os.path.join(directory, "report.html")
-    with io.atomic_output(html_path) as tmp, open(tmp, "w") as fh:
-        fh.write("\n".join(parts))
+    md_path, html_path = os.path.join(directory, "report.md"), os.path.join(directory, "report.html")
+    for path, text in ((md_path, "\n".join(md)), (html_path, "\n".join(parts) + "\n")):
+        with io.atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
     return md_path, html_path
-
-
-def _markdown_to_html(body: str) -> str:
-    """Tables and paragraphs, the only Markdown the report writes."""
-    out, table = [], []
-    for line in body.splitlines() + [""]:
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            rows = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in table if "---" not in r]
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in rows[0]) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
-                       + "</table>")
-            table = []
-        if line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    return "\n".join(out)
 
 
 REPORT_COLUMNS = ("concept", "equipped", "transport", "anchoring", "erasure", "target before", "target after",
@@ -113,28 +108,66 @@ def evaluation_rows(evaluations) -> list[list]:
              e.gamma_nontarget] for e in evaluations]
 
 
-def evaluation_report(directory: str, title: str, evaluations, notes: Sequence[tuple[str, str]] = ()) -> str:
-    """Metrics table and one before/after grid per membrane (transport on, alone and all together)."""
-    os.makedirs(os.path.join(directory, "grids"), exist_ok=True)
-    images = []
-    by_concept: dict[str, dict] = {}
+def _column_title(e) -> str | None:
+    """A grid column for each comparison the report makes, in the order they are read."""
+    if e.equipped == "all together":
+        return "all membranes together" if e.transport and e.anchoring else None
+    if not e.anchoring:
+        return "trained without anchoring" if e.transport else None
+    return "membrane, transport on" if e.transport else "membrane, transport off"
+
+
+def _tiles(images, verdicts) -> list[Tile]:
+    return [Tile(image, text, present) for image, (text, present) in zip(images, verdicts)]
+
+
+def concept_grid(evaluations, url: str, *, cell: int = 128, max_cell: int = 256) -> str:
+    """One concept's grid: a row per prompt (probes, then non-target prompts), the original images and
+    then one column per comparison (transport on and off, without anchoring, all membranes together), each
+    image with the scorer's verdict and each group with the prompt's gamma. Written atomically."""
+    columns = [(t, e.images) for e in evaluations if (t := _column_title(e)) and e.images is not None]
+    if not columns:
+        raise ValueError("concept_grid needs at least one evaluation with pictures")
+    first = columns[0][1]
+    rows = [[Group(_tiles(first.before[r], first.verdicts_before[r]))] for r in range(len(first.prompts))]
+    for _, pics in columns:
+        if pics.prompts != first.prompts:
+            raise ValueError("the evaluations of one grid must share their prompts")
+        for r, row in enumerate(rows):
+            caption = gamma_caption(pics.membranes, pics.gamma[r].tolist(), transport=pics.transport)
+            row.append(Group(_tiles(pics.after[r], pics.verdicts_after[r]), caption))
+    labels = [("probe: " if r < first.probes else "non-target: ") + p for r, p in enumerate(first.prompts)]
+    header = [f"{evaluations[0].concept}: {first.before.shape[1]} sample(s) per prompt, the same seeds in every "
+              "column", VERDICT_LEGEND]
+    write_grid(url, labels, ["original", *(t for t, _ in columns)], rows, header=header, cell=cell,
+               max_cell=max_cell)
+    return url
+
+
+def evaluation_report(directory: str, title: str, evaluations,
+                      notes: Sequence[tuple[str, Block | Sequence[Block]]] = ()) -> str:
+    """Metrics table and one labelled grid per concept; returns the path of the self-contained report.html
+    (report.md beside it links the same grids)."""
+    by_concept: dict[str, list] = {}
     for e in evaluations:
-        if e.images is not None and e.transport and e.anchoring:
-            by_concept.setdefault(e.concept, {})[e.equipped] = e.images
-    for concept, sets in by_concept.items():
-        prompts, before, after = sets.get("alone") or next(iter(sets.values()))
-        columns = [("original", before), ("membrane", after)]
-        if "all together" in sets:
-            columns.append(("all membranes", sets["all together"][2]))
-        path = comparison_grid(prompts, columns, os.path.join(directory, "grids", f"{concept}.png"))
-        images.append((concept, path))
-    table = markdown_table(REPORT_COLUMNS, evaluation_rows(evaluations))
+        if e.images is not None and _column_title(e):
+            by_concept.setdefault(e.concept, []).append(e)
+    figures = []
+    for concept, rows in by_concept.items():
+        path = concept_grid(rows, os.path.join(directory, "grids", f"{concept}.png"))
+        figures.append(Figure(f"{concept}: original | " + " | ".join(_column_title(e) for e in rows), path))
     explanation = ("erasure: share of probe images in which the scorer no longer sees the concept; target "
                    "before/after: share in which it does, without/with membranes; non-target: scorer accuracy "
                    "on the non-target prompts; pixel MSE and feature distance: mean change of the same-seed "
                    "non-target images; gamma: mean facilitated-transport permeability.")
-    md, _ = write_report(directory, title, [("Metrics", table + "\n\n" + explanation), *notes], images)
-    return md
+    sections = [("Metrics", [Table(REPORT_COLUMNS, evaluation_rows(evaluations)), explanation]), *notes]
+    if figures:
+        sections.append(("Generations", ["Rows: the concept's probe prompts, then its non-target prompts. "
+                                         "Columns: the base model, then each comparison. Above each group: "
+                                         "the permeability gamma the prompt gives each equipped membrane. "
+                                         + VERDICT_LEGEND[0].upper() + VERDICT_LEGEND[1:] + ".", *figures]))
+    _, html_path = write_report(directory, title, sections)
+    return html_path
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -152,6 +185,14 @@ def pareto_plot(points: dict[str, tuple[float, float]], url: str, *, x_label: st
                 size: tuple[int, int] = (720, 480)) -> str:
     """A PNG scatter of named (x, y) points, lower-is-better on both axes, the Pareto front joined by a
     line and its points labelled in red. Written atomically; returns ``url``."""
+    return scatter_plot(points, url, x_label=x_label, y_label=y_label, highlight=pareto_front(points), join=True,
+                        size=size)
+
+
+def scatter_plot(points: dict[str, tuple[float, float]], url: str, *, x_label: str, y_label: str,
+                 highlight: Sequence[str] = (), join: bool = False, size: tuple[int, int] = (720, 480)) -> str:
+    """A PNG scatter of named (x, y) points, each labelled with its name; the ``highlight`` ones in red
+    (joined by a line, in the given order, with ``join``). Written atomically; returns ``url``."""
     font = ImageFont.load_default()
     width, height = size
     left, right, top, bottom = 70, 170, 20, 50  # room on the right for the last labels
@@ -159,8 +200,8 @@ def pareto_plot(points: dict[str, tuple[float, float]], url: str, *, x_label: st
     draw = ImageDraw.Draw(canvas)
     xs = [p[0] for p in points.values()] or [0.0]
     ys = [p[1] for p in points.values()] or [0.0]
-    x0, x1 = min(0.0, min(xs)), max(xs) * 1.1 + 1e-6
-    y0, y1 = min(0.0, min(ys)), max(ys) * 1.1 + 1e-6
+    x0, x1 = min(0.0, min(xs)), max(0.0, max(xs)) * 1.1 + 1e-6
+    y0, y1 = min(0.0, min(ys)), max(0.0, max(ys)) * 1.1 + 1e-6
 
     def at(x, y):
         return (left + (x - x0) / (x1 - x0) * (width - left - right),
@@ -176,14 +217,14 @@ def pareto_plot(points: dict[str, tuple[float, float]], url: str, *, x_label: st
         draw.text((8, py - 6), f"{fy:.2g}", fill="black", font=font)
     draw.text((left + 150, height - 18), x_label, fill="black", font=font)
     draw.text((left + 6, 4), y_label, fill="black", font=font)
-    front = pareto_front(points)
-    if len(front) > 1:
-        draw.line([at(*points[n]) for n in front], fill="red", width=2)
+    highlight = [n for n in highlight if n in points]
+    if join and len(highlight) > 1:
+        draw.line([at(*points[n]) for n in highlight], fill="red", width=2)
     for name, (x, y) in points.items():
         px, py = at(x, y)
-        colour = "red" if name in front else "gray"
+        colour = "red" if name in highlight else "gray"
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        draw.text((px + 6, py - 6), name[:40], fill=colour if name in front else "dimgray", font=font)
+        draw.text((px + 6, py - 6), name[:40], fill=colour if name in highlight else "dimgray", font=font)
     with io.atomic_output(url) as tmp:
         canvas.save(tmp, format="PNG")
     return url

@@ -48,10 +48,11 @@ def _zero_membrane(pipe, name, concept):
     return membrane
 
 
-def test_a_membrane_that_changes_nothing_measures_as_nothing(bench):
+def test_a_membrane_that_changes_nothing_measures_as_nothing_and_is_pictured_as_such(bench, tmp_path):
     membranes = {"circle": _zero_membrane(bench.pipe, "circle", "a circle"),
                  "red": _zero_membrane(bench.pipe, "red", "red")}
-    rows = bench.measure(membranes)
+    snapshots = {}
+    rows = bench.measure(membranes, snapshots=snapshots)
     assert [(r.concept, r.equipped) for r in rows] == [
         ("circle", "alone"), ("red", "alone"), ("circle", "together"), ("red", "together")]
     for r in rows:
@@ -61,6 +62,35 @@ def test_a_membrane_that_changes_nothing_measures_as_nothing(bench):
     alone = {r.concept: r for r in rows if r.equipped == "alone"}
     assert alone["circle"].gamma_target == 1.0 and alone["circle"].gamma_nontarget < 0.5
     assert summarise(rows)["together"]["max_p_after"] == max(r.p_after for r in rows if r.equipped == "together")
+    _check_pictures(bench, snapshots, tmp_path)
+
+
+def _check_pictures(bench, snapshots, tmp_path):
+    """The same prompts in every setting, the verdicts and gamma, and the drawn picture's cells."""
+    import numpy as np
+    from PIL import Image
+
+    from spm_train.erasure import write_pictures
+    from spm_train.grids import GridLayout
+
+    assert set(snapshots) == {("circle", "alone"), ("red", "alone"), ("circle", "together"), ("red", "together")}
+    base, alone = bench.snapshot("circle"), snapshots[("circle", "alone")]
+    assert alone.prompts == base.prompts and alone.targets >= 1
+    assert all("circle" in p for p in base.prompts[:base.targets])
+    assert not any("circle" in p for p in base.prompts[base.targets:])
+    assert torch.equal(alone.images, base.images)  # a membrane with zero up-weights changes nothing
+    assert alone.captions[0] == "gamma 1.00" and base.captions[0] == ""  # "circle" opens its membrane
+    # the verdict: "circle" in the text exactly when the concept is flagged as seen
+    assert all((" circle" in " " + text) == seen for row in alone.verdicts for text, seen in row)
+    path = write_pictures(str(tmp_path / "circle.png"), "circle", [("base", base), ("calibrated", alone)])
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    layout = GridLayout(2, len(base.prompts), base.images.shape[1], tuple(base.images.shape[-2:]), header_lines=2,
+                        label_width=150)
+    assert picture.shape[:2] == (layout.size[1], layout.size[0])
+    x0, y0, x1, y1 = layout.box(1, 0, 1)
+    image = (alone.images[0, 1].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    f = int(layout.factor)
+    assert np.array_equal(picture[y0:y1, x0:x1], np.repeat(np.repeat(image, f, axis=0), f, axis=1))
 
 
 def test_only_prompts_that_open_a_membrane_are_rendered_again(bench, monkeypatch):
@@ -93,3 +123,42 @@ def test_select_best_keeps_one_candidate_per_concept():
     dropped = select_best([r for r, _ in entries], {r.key: c for r, c in entries})
     assert sorted(dropped) == ["cat-0", "cat-1"]  # the passing point with the best net drop wins
     assert "p2 scored better than p0" in dropped["cat-0"]
+
+
+def test_the_erasure_report_is_written_as_markdown_and_a_self_contained_html_page(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pipelines.erasure_report import ROW_HEADER, _write_report
+    from tests.test_evaluate import _Page
+
+    def row(concept, equipped, p_after):
+        return {"concept": concept, "equipped": equipped, "drawable": 3, "p_before": 0.9, "p_after": p_after,
+                "p_after_ci": (0.0, 0.2), "nontarget_drop": 1.5, "nontarget_drop_ci": (0.5, 2.5),
+                "pixel_mse": 1e-3, "rest_drop": 0.4, "gamma_target": 1.0, "gamma_nontarget": 0.05}
+
+    summary = {"alone": {"max_p_after": 0.1, "mean_p_after": 0.05, "max_nontarget_drop": 1.5,
+                         "mean_nontarget_drop": 1.5, "mean_pixel_mse": 1e-3, "mean_rest_drop": 0.4}}
+    Image.new("RGB", (60, 40), "red").save(tmp_path / "pareto.png")
+    (tmp_path / "pictures").mkdir()
+    Image.new("RGB", (30, 20), "blue").save(tmp_path / "pictures" / "circle.png")
+    report = {"concepts": ["circle"], "settings": {"draw_threshold": 0.5, "samples": 4},
+              "bar": {"alone": {"max_p_after": 0.05, "max_nontarget_drop": 2.0},
+                      "together": {"max_p_after": 0.1, "max_nontarget_drop": 5.0}},
+              "variants": {"calibrated": {"rows": [row("circle", "alone", 0.05)], "summary": summary},
+                           "paper": {"rows": [row("circle", "alone", 0.5)], "summary": summary}},
+              "best": "calibrated", "best_extra": {"transport_off": {"rows": [row("circle", "alone", 0.75)]}},
+              "command": "python -m pipelines.erasure_report", "pictures": {"circle": "pictures/circle.png"}}
+    path = _write_report(report, str(tmp_path))
+    assert path == str(tmp_path / "report.html")
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Transport off" in markdown and "](pictures/circle.png)" in markdown and "](pareto.png)" in markdown
+    page = _Page()
+    page.feed(open(path, encoding="utf-8").read())
+    # variants summary, best, transport off, the other variant: P after read back from each table
+    assert [t[0] for t in page.tables[1:]] == [ROW_HEADER] * 3
+    assert [t[1][4] for t in page.tables[1:]] == ["0.05", "0.75", "0.50"]
+    sizes = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size for src in page.images]
+    assert sizes == [(60, 40), (30, 20)]  # the Pareto plot and the picture, inline

@@ -1,5 +1,7 @@
 """The evaluation suite's arithmetic on tiny random models: same seeds, exact baselines, CLIP scoring."""
 
+from html.parser import HTMLParser
+
 import pytest
 import torch
 
@@ -67,11 +69,43 @@ def test_clip_scores_are_cosines_and_accuracies_are_shares(clip):
     assert present.dtype == torch.bool and present.shape == (4,)
 
 
-def test_the_report_has_a_table_and_a_grid_per_membrane(clip, tmp_path):
+class _Page(HTMLParser):
+    """The tables (cell texts by row) and the inline images of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self._cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+
+def test_the_report_has_a_table_and_a_labelled_grid_per_concept_and_a_self_contained_html_page(clip, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
     from PIL import Image
 
     from spm_train.evaluate import evaluate_set
-    from spm_train.report import evaluation_report
+    from spm_train.grids import GridLayout
+    from spm_train.report import REPORT_COLUMNS, evaluation_report
 
     pipe = tiny_pipeline("sd1")
     other = ConceptSpec("house", "a house", nontarget=["a red car"])
@@ -83,9 +117,38 @@ def test_the_report_has_a_table_and_a_grid_per_membrane(clip, tmp_path):
         ("snoopy", "alone", True, True), ("snoopy", "alone", False, True), ("snoopy", "alone", True, False),
         ("snoopy", "all together", True, True), ("house", "alone", True, True), ("house", "alone", False, True),
         ("house", "all together", True, True)]
+    on, off, together = rows[0].images, rows[1].images, rows[3].images
+    assert on.before.shape[:2] == (4, 2)  # every prompt, both samples (fewer than grid_samples' 4)
+    assert off.gamma.eq(1).all() and not off.transport
+    assert together.membranes == ["snoopy", "house"] and together.gamma.shape == (4, 2)
+    assert on.gamma[0, 0] == pytest.approx(1.0)  # "snoopy" opens its own membrane fully
+    candidates = [SNOOPY.target, *SNOOPY.nontarget]
+    assert all(text in candidates for row in on.verdicts_after for text, _ in row)
+
     path = evaluation_report(str(tmp_path), "test report", rows)
-    text = open(path).read()
+    assert path == str(tmp_path / "report.html")
+    text = (tmp_path / "report.md").read_text()
     assert text.count("| snoopy |") == 4 and "grids/snoopy.png" in text
-    grid = Image.open(tmp_path / "grids" / "snoopy.png")
-    assert grid.size == (200 + 3 * 96, 18 + 4 * 96)  # 4 prompts; original | membrane | all membranes
-    assert (tmp_path / "report.html").exists()
+    grid = np.asarray(Image.open(tmp_path / "grids" / "snoopy.png").convert("RGB"))
+    side = on.before.shape[-1]
+    layout = GridLayout(4, 5, 2, (side, side), header_lines=2, max_cell=256)  # original + 4 comparisons
+    assert grid.shape[:2] == (layout.size[1], layout.size[0]) and layout.factor == 128 // side
+    # column 2 is transport off: its row-3 sample-1 image, enlarged by whole pixels
+    x0, y0, x1, y1 = layout.box(3, 2, 1)
+    image = (off.after[3, 1].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    f = int(layout.factor)
+    assert np.array_equal(grid[y0:y1, x0:x1], np.repeat(np.repeat(image, f, axis=0), f, axis=1))
+
+    page = _Page()
+    page.feed((tmp_path / "report.html").read_text())
+    metrics = page.tables[0]
+    assert metrics[0] == list(REPORT_COLUMNS) and len(metrics) == 1 + len(rows)
+    for cells, e in zip(metrics[1:], rows):
+        assert cells[:4] == [e.concept, e.equipped, "on" if e.transport else "off", "on" if e.anchoring else "off"]
+        assert float(cells[4]) == pytest.approx(e.erasure_rate, abs=5e-4)
+        assert float(cells[9]) == pytest.approx(e.preservation_drop, abs=5e-4)
+    assert len(page.images) == 2  # snoopy's and house's grids, inline
+    for src, name in zip(page.images, ("snoopy", "house")):
+        assert src.startswith("data:image/png;base64,")
+        png = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert png.format == "PNG" and png.size == Image.open(tmp_path / "grids" / f"{name}.png").size

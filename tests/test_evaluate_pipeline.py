@@ -1,6 +1,7 @@
 """`python -m pipelines.evaluate` on a finished bulk run: report with transport and anchoring ablations."""
 
 import json
+import os
 
 import pytest
 
@@ -27,7 +28,8 @@ def test_evaluate_pipeline_writes_the_report_with_ablations(tmp_path, clip_dir, 
             "model=tiny_random", "concepts=smoke", "trainer=smoke", f"paths.root={tmp_path}", "eval.kind=clip",
             f"eval.clip_path={clip_dir}", "eval.samples_per_prompt=1", "eval.steps=2", "eval.ablation=true"])
     path = run(cfg, str(tmp_path / "report"))
-    text = open(path).read()
+    assert path == str(tmp_path / "report" / "report.html")
+    text = open(os.path.join(os.path.dirname(path), "report.md")).read()
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     # cat and snoopy use anchoring: transport on, off, without anchoring, all together; vangogh is plain erase
     combos = {(m["concept"], m["equipped"], m["transport"], m["anchoring"]) for m in metrics}
@@ -44,8 +46,8 @@ def test_the_bulk_job_writes_the_evaluation_report_when_asked(tmp_path, clip_dir
     cfg = compose_bulk(tmp_path, "cluster.num_cpus=2", "eval.enabled=true", "eval.kind=clip",
                        f"eval.clip_path={clip_dir}", "eval.samples_per_prompt=1", "eval.steps=2")
     summary = train(cfg, run_dir=str(tmp_path / "run"))
-    assert summary.report == str(tmp_path / "run" / "report" / "report.md")
-    text = open(summary.report).read()
+    assert summary.report == str(tmp_path / "run" / "report" / "report.html")
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
     assert text.count("| cat |") == 3  # transport on, off, all together
 
 

@@ -15,7 +15,8 @@ from ..membrane import Membrane
 def _settings(**options):
     from ..evaluate import EvalSettings
 
-    return EvalSettings(**options)
+    # validation reads numbers only: no images are kept for grids
+    return EvalSettings(**{**options, "grid_samples": 0})
 
 
 def _concept(membrane: Membrane, concept_spec: ConceptSpec | None) -> ConceptSpec:

@@ -7,8 +7,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from spm_train.bulk.objective import OBJECTIVES, check_objective, objective_value
 
@@ -56,6 +58,44 @@ def test_a_multirun_ends_with_its_jobs_compared_best_first_and_failures_last(tmp
     assert rows[4].startswith("| 1 | trainer.lr=3e-4 | 0.5 |") and rows[5].startswith("| 0 | trainer.lr=1e-4 | 0.25 |")
     assert rows[6] == "| 2 | trainer.lr=1e-2 | n/a | 1 of 3 failed |"
     assert rows[7] == "| 3 | trainer.lr=-1 | n/a | failed: invalid bulk run: lr must be > 0, got -1 |"
+    # not evaluated: the plot shows the objective per point, the best (lr=3e-4, 0.5) in red
+    assert rows[-1] == "![the jobs compared](comparison.png)"
+    plot = np.asarray(Image.open(tmp_path / "comparison.png").convert("RGB")).astype(int)
+    red = (plot[..., 0] > 200) & (plot[..., 1] < 60) & (plot[..., 2] < 60)
+    assert plot.shape == (480, 720, 3) and red.any()
+
+
+def test_an_evaluated_sweep_is_plotted_as_erasure_against_non_target_drop(tmp_path, monkeypatch):
+    import json
+
+    from pipelines.bulk_train import OBJECTIVE_FILE, plot_comparison, write_comparison
+    from spm_train import report
+
+    points = {"lr=1e-4": (0.5, 0.0), "lr=3e-4": (0.9, 0.02), "lr=1e-3": (0.8, 0.05)}  # erasure, drop
+    for num, (point, (erasure, drop)) in enumerate(points.items()):
+        (tmp_path / str(num)).mkdir()
+        (tmp_path / str(num) / OBJECTIVE_FILE).write_text(json.dumps(
+            {"objective": "erasure_minus_drop", "direction": "maximize", "value": erasure - drop, "point": point,
+             "results": 2, "failed": 0, "erasure": erasure, "preservation_drop": drop}))
+    assert open(write_comparison(str(tmp_path))).read().splitlines()[-1] == "![the jobs compared](comparison.png)"
+    assert Image.open(tmp_path / "comparison.png").size == (720, 480)
+    # what is plotted: x the non-target drop, y the share still showing the concept; lr=1e-3 is beaten by
+    # lr=3e-4 on both, so the front is the other two
+    plotted = {}
+    monkeypatch.setattr(report, "pareto_plot", lambda pts, url, **_: plotted.update(pts) or url)
+    measured = {p: (d, e, e - d) for p, (e, d) in points.items()}
+    plot_comparison(measured, str(tmp_path / "p.png"), objective="erasure_minus_drop", direction="maximize")
+    expected = {"lr=1e-4": (0.0, 0.5), "lr=3e-4": (0.02, 0.1), "lr=1e-3": (0.05, 0.2)}
+    assert plotted.keys() == expected.keys()
+    assert all(plotted[k] == pytest.approx(v) for k, v in expected.items())
+    assert report.pareto_front(plotted) == ["lr=1e-4", "lr=3e-4"]
+    # one job without erasure numbers: the objective per point instead; no number at all: no plot
+    plotted.clear()
+    assert plot_comparison({**measured, "lr=1e-2": (None, None, 0.1)}, str(tmp_path / "o.png"),
+                           objective="erasure_minus_drop", direction="maximize") == str(tmp_path / "o.png")
+    assert not plotted
+    assert plot_comparison({"lr=1": (None, None, None)}, str(tmp_path / "n.png"), objective="loss",
+                           direction="minimize") is None
 
 
 def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tmp_path):
@@ -75,6 +115,7 @@ def test_optuna_ranks_smoke_runs_by_the_returned_objective_on_a_quiet_console(tm
     table = (sweep_dir / "comparison.md").read_text().splitlines()  # the jobs compared, best first
     assert table[0] == "# Sweep: jobs by loss (minimize)"
     assert f"| trainer.lr={best['best_params']['trainer.lr']} |" in table[4]
+    assert (sweep_dir / "comparison.png").exists()  # and the plot beside it
     # the console: our progress, summaries and paths; library notices went to the jobs' log files
     for noise in ("torchvision", "FutureWarning", "torch_dtype", "kept in float32", "Loading pipeline components",
                   "Started a local Ray instance", "setup plugin", "Token authentication", "A new study created"):

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from spm_train.grids import GridLayout
 from spm_train.registry import Registry, ValidationReport
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -34,13 +35,22 @@ def test_generate_loads_named_versions_and_writes_original_and_membrane_images(t
     result = generate(cfg, run_dir=str(tmp_path / "gen"))
     assert result.refs == ["snoopy:v1", "cat:v1"]
     assert len(result.originals) == len(result.with_membranes) == 2
-    original = np.asarray(Image.open(result.originals[0]), dtype=np.int16)
-    edited = np.asarray(Image.open(result.with_membranes[0]), dtype=np.int16)
-    grid = Image.open(result.grid)
-    assert grid.size == (2 * original.shape[1], 2 * original.shape[0])
-    # left column is the original, right column the membrane-equipped image of the same seed
-    assert np.array_equal(np.asarray(grid, dtype=np.int16)[: original.shape[0], : original.shape[1]], original)
+    original = np.asarray(Image.open(result.originals[1]), dtype=np.int16)
+    edited = np.asarray(Image.open(result.with_membranes[1]), dtype=np.int16)
     assert np.abs(original - edited).max() > 0  # fully open membranes (transport off) change the image
+    # the grid: one labelled row per prompt, original | with membranes, small images enlarged by whole pixels
+    grid = np.asarray(Image.open(result.grid).convert("RGB"), dtype=np.int16)
+    layout = GridLayout(2, 2, 1, original.shape[:2], header_lines=1)
+    assert grid.shape[:2] == (layout.size[1], layout.size[0]) and layout.factor > 1
+    f = int(layout.factor)
+    for column, image in enumerate((original, edited)):
+        x0, y0, x1, y1 = layout.box(1, column, 0)
+        assert np.array_equal(grid[y0:y1, x0:x1], np.repeat(np.repeat(image, f, axis=0), f, axis=1))
+    x0, y0, x1, y1 = layout.label_box(1)
+    assert (grid[y0:y1, x0:x1] < 128).any()  # the prompt is written beside its row
+    # transport off: the caption above each membrane image says so
+    caption = grid[layout.row_y(1):layout.row_y(1) + layout.line, layout.column_x(1):layout.column_x(1) + 60]
+    assert (caption < 128).any()
     # the grid is remembered with each version for its model card
     assert reg.image_of(reg.resolve("snoopy@production")) == result.grid
 
