@@ -234,17 +234,17 @@ class ModelAdapter:
 
     def content_mask(self, prompt: str, content_only: bool = True) -> torch.Tensor:
         """Which positions of the padded prompt hold tokens that ``token_ids`` keeps."""
+        return ~torch.isin(self.padded_ids(prompt), torch.tensor(sorted(self.ignored_ids(content_only))))
+
+    def padded_ids(self, prompt: str) -> torch.Tensor:
+        """Token ids of the prompt padded to the text encoder's length, as the pipelines encode it."""
         tok = self.pipe.tokenizer
-        ids = torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
-                               truncation=True).input_ids)
-        return ~torch.isin(ids, torch.tensor(sorted(self.ignored_ids(content_only))))
+        return torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
+                                truncation=True).input_ids)
 
     def tail_mask(self, prompt: str) -> torch.Tensor:
         """Positions of the padded prompt from its end-of-text token on (end-of-text and padding)."""
-        tok = self.pipe.tokenizer
-        ids = torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
-                               truncation=True).input_ids)
-        return tail_positions(ids, tok.eos_token_id)
+        return tail_positions(self.padded_ids(prompt), self.pipe.tokenizer.eos_token_id)
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                 resolution: int | None = None) -> torch.Tensor:

@@ -122,11 +122,15 @@ def calibrated(raw: torch.Tensor, zero: torch.Tensor, one: torch.Tensor) -> torc
 
 def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.Tensor, prompt_gamma: torch.Tensor,
                concept_embeds: torch.Tensor, concept_masks: Sequence[torch.Tensor],
-               calibration: Sequence[Calibration]) -> torch.Tensor:
+               calibration: Sequence[Calibration], prompt_ids: torch.Tensor | None = None,
+               concept_ids: Sequence[set[int]] | None = None) -> torch.Tensor:
     """``[B, T, C]`` per-token openings of each concept's membrane.
 
-    A content position (``content[b, t]``) opens as far as its contextual embedding is close to the
-    concept's closest content token, mapped by the concept's calibration; end-of-text and padding positions
+    A content position (``content[b, t]``) opens fully when it holds one of the concept's own tokens
+    (``prompt_ids`` against ``concept_ids``: the per-token form of the paper's token overlap; a causal text
+    encoder gives "blue" after "a" another embedding than "blue" alone), otherwise as far as its
+    contextual embedding is close to the concept's closest content token, mapped by the concept's
+    calibration (synonyms and paraphrases); end-of-text and padding positions
     (``tail``), which the causal text encoder fills with a summary of the whole prompt, open as far as the
     prompt does (``prompt_gamma[b, c]``); start, function-word and punctuation positions stay closed."""
     e = torch.nn.functional.normalize(prompt_embeds.float(), dim=-1)
@@ -136,6 +140,9 @@ def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.T
         if ct.shape[0]:
             cal = calibration[c]
             out[:, :, c] = calibrated((e @ ct.T).max(dim=-1).values, torch.tensor(cal.zero), torch.tensor(cal.one))
+        if prompt_ids is not None and concept_ids is not None and concept_ids[c]:
+            own = torch.isin(prompt_ids.to(out.device), torch.tensor(sorted(concept_ids[c]), device=out.device))
+            out[:, :, c] = torch.where(own, torch.ones_like(out[:, :, c]), out[:, :, c])
     out = out * content.to(out.device).unsqueeze(-1)
     return torch.where(tail.to(out.device).unsqueeze(-1), prompt_gamma.to(out).unsqueeze(1), out)
 
@@ -148,6 +155,8 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
     content token and none as the tail."""
     c_embeds = model.encode([concept]).hidden.float()
     c_masks = [model.content_mask(concept)]
+    c_ids = [model.token_ids(concept)]
+    ids = None
     if prompts is None:
         content = torch.ones(hidden.shape[:2], dtype=torch.bool)
         tail = torch.zeros_like(content)
@@ -155,9 +164,12 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
     else:
         masks = [model.content_mask(p) for p in prompts]
         content, tail = torch.stack(masks), torch.stack([model.tail_mask(p) for p in prompts])
+        ids = torch.stack([model.padded_ids(p) for p in prompts])
         raw = token_similarity(hidden, masks, c_embeds, c_masks)
-        gamma = calibrated(raw, torch.tensor([calibration.zero]), torch.tensor([calibration.one]))
-    gate = token_gate(hidden, content, tail, gamma, c_embeds, c_masks, [calibration])
+        overlap = torch.tensor([[token_overlap(model.token_ids(p), c_ids[0])] for p in prompts])
+        gamma = torch.maximum(calibrated(raw, torch.tensor([calibration.zero]), torch.tensor([calibration.one])),
+                              overlap)
+    gate = token_gate(hidden, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids)
     return gate[..., 0].to(hidden.device)
 
 
@@ -302,17 +314,18 @@ class MembraneHandle:
         for r in range(input_ids.shape[0]):
             mask = ~torch.isin(input_ids[r], special)
             ids = set(input_ids[r][mask].tolist())
-            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates], self._calls, tails[r]))
+            self._rows.append((ids, mask.cpu(), [c[r].detach() for c in candidates], self._calls, tails[r],
+                               input_ids[r].cpu()))
 
     def _tokens_of(self, row: torch.Tensor) -> tuple:
-        """Token ids, content mask, text-encoder call number and end-of-text positions of the latest encoding
-        equal to ``row`` (all None when none is)."""
-        for ids, mask, candidates, call, tail in reversed(self._rows):
+        """Token ids, content mask, text-encoder call number, end-of-text positions and the ids by position of
+        the latest encoding equal to ``row`` (all None when none is)."""
+        for ids, mask, candidates, call, tail, positions in reversed(self._rows):
             for cand in candidates:
                 width = cand.shape[-1]
                 if cand.shape == row[..., :width].shape and torch.equal(cand.to(row.dtype), row[..., :width]):
-                    return ids, mask, call, tail
-        return None, None, None, None
+                    return ids, mask, call, tail, positions
+        return None, None, None, None, None
 
     def _cfg_pairs(self, hidden: torch.Tensor, calls: list[int | None]) -> bool:
         """Whether the batch is ``[negative half, prompt half]`` of classifier-free guidance.
@@ -385,10 +398,11 @@ class MembraneHandle:
             return tokens
         content = torch.stack([found[b][1] for b in rows])
         tail = torch.stack([found[b][3] for b in rows])
+        ids = torch.stack([found[b][4] for b in rows])
         owner = torch.as_tensor(self.concept_owner, device=gamma.device)
         concept_gamma = gamma[rows].index_select(1, owner)
         per_concept = token_gate(hidden[rows], content, tail, torch.ones_like(concept_gamma),
-                                 self.concept_embeds, self.concept_masks, self.calibration)
+                                 self.concept_embeds, self.concept_masks, self.calibration, ids, self.concept_ids)
         per_concept = (self.facilitate * per_concept).to(gamma.device)
         if self.scaling == "official":
             per_concept = per_concept.pow(2)

@@ -100,6 +100,30 @@ def test_token_gate_opens_content_tokens_by_similarity_and_the_tail_by_the_promp
                       [Calibration(zero=0.5, one=0.9)])
     # start closed; an unrelated token closed; the concept's token open; cos 0.6 -> (0.6-0.5)/0.4; tail at gamma
     torch.testing.assert_close(gate[0, :, 0], torch.tensor([0.0, 0.0, 1.0, 0.25, 0.7]))
+    # the concept's own token id opens its position whatever its context made of the embedding
+    ids = torch.tensor([[1, 7, 9, 8, 2]])
+    gate = token_gate(prompt, content, tail, torch.tensor([[0.7]]), concept, [torch.tensor([0, 1, 0, 0]).bool()],
+                      [Calibration(zero=0.5, one=0.9)], ids, [{7}])
+    torch.testing.assert_close(gate[0, :, 0], torch.tensor([0.0, 1.0, 1.0, 0.25, 0.7]))
+
+
+def test_training_gates_open_the_concept_token_after_any_context_and_close_unrelated_prompts(toyworld):
+    from spm_train.transport import prompt_gates
+
+    model = ModelAdapter(toyworld)
+    prompts = ["red", "a red square", "a square, red", "a green circle"]
+    hidden = model.encode(prompts).hidden
+    gate = prompt_gates(model, prompts, hidden, "red", Calibration(zero=0.98, one=0.99))
+    tok = toyworld.tokenizer
+    for row, prompt in enumerate(prompts[:3]):
+        ids = model.padded_ids(prompt).tolist()
+        red, eos = ids.index(tok.convert_tokens_to_ids("red</w>")), ids.index(tok.eos_token_id)
+        assert gate[row, red] == 1 and bool((gate[row, eos:] == 1).all())
+        assert gate[row, :red].sum() == 0 and gate[row, red + 1:eos].sum() == 0
+    assert gate[3].sum() == 0
+    sampled = prompt_gates(model, None, torch.randn_like(hidden[:2]) * hidden[:2].norm(dim=-1, keepdim=True),
+                           "red", Calibration(zero=0.98, one=0.99))
+    assert sampled.shape == hidden[:2].shape[:2] and sampled.max() == 0  # random anchors sit far from "red"
 
 
 def test_tail_positions_start_at_the_first_end_of_text():
