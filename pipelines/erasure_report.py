@@ -202,10 +202,21 @@ def _stored(out: str, variant: str, concepts, trainer):
             membrane = load_membrane(path)
         except MembraneFormatError:
             return None
-        if membrane.trainer != trainer.to_dict():
+        if not _same_training(membrane.trainer, trainer):
             return None
         membranes.append(membrane)
     return membranes
+
+
+def _same_training(stored: dict, trainer) -> bool:
+    """Whether a membrane's recorded trainer trains the same weights as ``trainer``: options added since it
+    was written take their defaults, and cadence settings (logging, checkpoints) do not count."""
+    from spm_train.config import TrainerConfig
+
+    try:
+        return TrainerConfig(**stored).fingerprint() == trainer.fingerprint()
+    except (TypeError, ConfigError):
+        return False
 
 
 def _transport_key(transport: dict) -> tuple:

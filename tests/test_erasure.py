@@ -162,3 +162,19 @@ def test_the_erasure_report_is_written_as_markdown_and_a_self_contained_html_pag
     assert [t[1][4] for t in page.tables[1:]] == ["0.05", "0.75", "0.50"]
     sizes = [Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size for src in page.images]
     assert sizes == [(60, 40), (30, 20)]  # the Pareto plot and the picture, inline
+
+
+def test_the_report_reuses_membranes_whose_recorded_trainer_trains_the_same_weights():
+    """A report resumes from its own membranes: a header written before an option existed (here ``gate``)
+    or with other logging cadence still matches; any weight-changing setting does not."""
+    from pipelines.erasure_report import _same_training
+    from spm_train.config import TrainerConfig
+
+    trainer = TrainerConfig.preset("toyworld")
+    stored = trainer.to_dict()
+    del stored["gate"]
+    assert _same_training(stored, trainer)
+    assert _same_training({**stored, "log_every": 1, "checkpoint_every": 0}, trainer)
+    assert not _same_training({**stored, "lr": 1e-3}, trainer)
+    assert not _same_training({**stored, "gate": "token"}, trainer)
+    assert not _same_training({**stored, "unknown_option": 1}, trainer)
