@@ -1,0 +1,35 @@
+"""The trainer's accelerate layer: a pack's precision and processes, refused when they cannot work."""
+
+import pytest
+import torch
+
+from spm_train import ConfigError, train_membranes
+from spm_train.config import ConceptSpec, TrainerConfig
+from spm_train import parallel
+
+
+def test_each_pack_gets_its_own_precision_in_one_process():
+    """accelerate keeps one state per process; a worker trains packs of different precisions in turn."""
+    cpu = torch.device("cpu")
+    bf16 = parallel.pack_accelerator(cpu, "bf16")
+    with bf16.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    fp32 = parallel.pack_accelerator(cpu, "fp32")
+    with fp32.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    assert fp32.num_processes == 1 and fp32.scaler is None
+
+
+def test_fp16_on_the_cpu_is_refused_rather_than_run_in_fp32(sd1_pipe):
+    with pytest.raises(ConfigError, match="precision=fp16 needs a GPU"):
+        train_membranes(sd1_pipe, [ConceptSpec("cat", "a cat")], TrainerConfig.preset("smoke", precision="fp16"),
+                        progress=False)
+    assert not any("membrane" in type(m).__name__.lower() for m in sd1_pipe.unet.modules())
+
+
+def test_a_process_group_accelerate_cannot_see_is_refused(monkeypatch):
+    """A group started by hand without RANK / WORLD_SIZE: each process would train alone and the workers'
+    membranes drift apart silently."""
+    monkeypatch.setattr(parallel, "_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="torch.distributed has 2 processes but accelerate sees 1"):
+        parallel.pack_accelerator(torch.device("cpu"), "fp32")
