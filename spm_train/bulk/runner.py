@@ -256,17 +256,33 @@ def _train_missing(job: Job, model: dict, store: ResultStore, board, deepspeed: 
 
 def _train_parts(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
                  auto_pack: bool, skip: set[str] = frozenset()) -> list[dict]:
-    """Train ``job`` as one pack, or (``auto_pack``) as consecutive packs that fit the accelerator."""
-    if auto_pack and deepspeed is None:
-        from ..packing import fit_pack_size
+    """Train ``job`` as one pack, or (``auto_pack``) as consecutive packs that fit the accelerator.
 
-        k = fit_pack_size(pipe, job.trainer, limit=len(job.tasks))
-        if k is not None and k < len(job.tasks):
-            rows = []
-            for i in range(0, len(job.tasks), k):
-                rows += _train_pack(job.part(job.tasks[i:i + k]), pipe, store, board, None)
-            return rows
-    return _train_pack(job, pipe, store, board, deepspeed, skip)
+    The first pack size is measured (``packing.fit_pack_size``, GPU only; the whole job elsewhere); when a
+    pack still runs out of memory, accelerate's ``find_executable_batch_size`` retries the concepts not yet
+    trained in packs 10 % smaller (at least one concept fewer), keeping the packs already trained.
+    """
+    if not auto_pack or deepspeed is not None:
+        return _train_pack(job, pipe, store, board, deepspeed, skip)
+    from accelerate.utils import find_executable_batch_size
+
+    from ..packing import fit_pack_size
+
+    done: dict[str, dict] = {}
+
+    @find_executable_batch_size(starting_batch_size=fit_pack_size(pipe, job.trainer, limit=len(job.tasks))
+                                or len(job.tasks))
+    def train_in_packs(size: int) -> None:
+        rest = [t for t in job.tasks if t.key not in done]
+        if size >= len(job.tasks):  # the whole job: its own checkpoint folder, and what an earlier attempt stored
+            done.update((row["key"], row) for row in _train_pack(job, pipe, store, board, None, skip))
+            return
+        logger.info("pack %s: training its %d concept(s) in packs of %d", job.job_id[:8], len(rest), size)
+        for i in range(0, len(rest), size):
+            done.update((row["key"], row) for row in _train_pack(job.part(rest[i:i + size]), pipe, store, board, None))
+
+    train_in_packs()
+    return [done[t.key] for t in job.tasks if t.key in done]
 
 
 def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
