@@ -17,6 +17,15 @@ import torch
 from .errors import ConfigError
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# DeepSpeed is an optional extra (docs/bulk-and-clusters.md says when it helps): built against the installed torch
+DEEPSPEED_MISSING = ("DeepSpeed is not installed; it is an optional extra: `make deepspeed`, or "
+                     "`DS_BUILD_OPS=0 pip install --no-build-isolation 'spm-train[deepspeed]'`")
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def pack_accelerator(device: torch.device, precision: str):

@@ -40,7 +40,7 @@ from .config import ConceptSpec, TrainerConfig
 from .errors import ConfigError, TrainingDivergedError
 from .membrane import Membrane, MembraneBank, layout_id
 from .models import ModelAdapter, PromptEmbeds, base_fingerprint
-from .parallel import average_gradients, pack_accelerator
+from .parallel import DEEPSPEED_MISSING, average_gradients, deepspeed_available, pack_accelerator
 from .sampling import DDIMSchedule
 
 logger = logging.getLogger(__name__)
@@ -126,14 +126,19 @@ class PackTrainer:
 
     def __init__(self, pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig, *,
                  checkpoint_dir: str | None = None, callback: Callable[[int, list[dict]], None] | None = None,
-                 progress: bool = True, deepspeed: dict | None = None):
+                 progress: bool = True, deepspeed: dict | None = None,
+                 on_checkpoint: Callable[[int, str], None] | None = None):
         self.cfg = trainer
         self.checkpoint_dir = checkpoint_dir
         self.callback = callback
+        # after each checkpoint, on every rank (the url on rank 0, "" elsewhere): Ray Train's report
+        self.on_checkpoint = on_checkpoint
         self.progress = progress
         self.ds_config = deepspeed
         self.engine = None
         if deepspeed is not None:
+            if not deepspeed_available():
+                raise ConfigError("trainer", [f"a DeepSpeed config was given: {DEEPSPEED_MISSING}"])
             _init_deepspeed_process_group()
         self._setup_concepts(concepts)
         try:
@@ -510,7 +515,9 @@ class PackTrainer:
                     bar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / len(rows):.4g}")
                 if cfg.checkpoint_every and self.checkpoint_dir and (
                         self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations):
-                    self.save_checkpoint()
+                    url = self.save_checkpoint()
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(self.step, url)
         finally:
             bar.close()
         with self._gathered():

@@ -33,3 +33,12 @@ def test_a_process_group_accelerate_cannot_see_is_refused(monkeypatch):
     monkeypatch.setattr(parallel, "_world_size", lambda: 2)
     with pytest.raises(ConfigError, match="torch.distributed has 2 processes but accelerate sees 1"):
         parallel.pack_accelerator(torch.device("cpu"), "fp32")
+
+
+def test_a_deepspeed_config_without_deepspeed_is_refused_before_any_work(sd1_pipe, monkeypatch):
+    from spm_train import training
+
+    monkeypatch.setattr(training, "deepspeed_available", lambda: False)
+    with pytest.raises(ConfigError, match="DeepSpeed is not installed; it is an optional extra"):
+        train_membranes(sd1_pipe, [ConceptSpec("cat", "a cat")], TrainerConfig.preset("smoke"), progress=False,
+                        deepspeed={"zero_optimization": {"stage": 2}})
