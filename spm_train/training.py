@@ -593,6 +593,11 @@ class PackTrainer:
         for i, p in enumerate(params):
             for key, value in optimizer_state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        scaler = self.accelerator.scaler
+        if scaler is not None:  # fp16: the loss scale decides which of the next steps are skipped
+            state = scaler.state_dict()
+            tensors["scaler.scale"] = torch.tensor(state["scale"], dtype=torch.float64)
+            tensors["scaler.growth_tracker"] = torch.tensor(state["_growth_tracker"], dtype=torch.int64)
         for rank, states in enumerate(self._gather_rng_states()):
             for k, (host, device, pick) in enumerate(states):
                 tensors[f"rng.{k}.host{_rank_suffix(rank)}"] = host
@@ -643,6 +648,10 @@ class PackTrainer:
             opt_state = self.optimizer.state_dict()
             opt_state["state"] = state
             self.optimizer.load_state_dict(opt_state)
+        scaler = self.accelerator.scaler
+        if scaler is not None and "scaler.scale" in tensors:
+            scaler.load_state_dict(dict(scaler.state_dict(), scale=tensors["scaler.scale"].item(),
+                                        _growth_tracker=int(tensors["scaler.growth_tracker"])))
         if int(meta.get("world_size", 1)) != self.world_size:
             raise ConfigError("checkpoint", [f"{url} was written by {meta.get('world_size', 1)} worker(s), "
                                              f"this run has {self.world_size}"])

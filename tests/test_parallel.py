@@ -42,3 +42,29 @@ def test_a_deepspeed_config_without_deepspeed_is_refused_before_any_work(sd1_pip
     with pytest.raises(ConfigError, match="DeepSpeed is not installed; it is an optional extra"):
         train_membranes(sd1_pipe, [ConceptSpec("cat", "a cat")], TrainerConfig.preset("smoke"), progress=False,
                         deepspeed={"zero_optimization": {"stage": 2}})
+
+
+def test_the_fp16_loss_scale_resumes_with_the_checkpoint(tmp_path, sd1_pipe):
+    """fp16 on a GPU trains with accelerate's loss scaler; its scale decides which later steps are skipped,
+    so an exact resume needs it (a CPU scaler stands in for the GPU's here)."""
+    from spm_train.training import PackTrainer
+
+    cfg = TrainerConfig.preset("smoke", iterations=2, checkpoint_every=1)
+    concepts = [ConceptSpec("cat", "a cat")]
+    state = {"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+             "_growth_tracker": 7}  # after a skipped step and 7 good ones
+    first = PackTrainer(sd1_pipe, concepts, cfg, checkpoint_dir=str(tmp_path), progress=False)
+    try:
+        first.accelerator.scaler = torch.amp.GradScaler("cpu")
+        first.accelerator.scaler.load_state_dict(state)
+        first.step = 1
+        first.save_checkpoint()
+    finally:
+        first.close()
+    again = PackTrainer(sd1_pipe, concepts, cfg, checkpoint_dir=str(tmp_path), progress=False)
+    try:
+        again.accelerator.scaler = torch.amp.GradScaler("cpu")
+        assert again.load_checkpoint() == 1
+        assert again.accelerator.scaler.state_dict() == state
+    finally:
+        again.close()
