@@ -17,7 +17,7 @@ import torch
 from .errors import ConfigError
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-# DeepSpeed is an optional extra (docs/bulk-and-clusters.md says when it helps): built against the installed torch
+# DeepSpeed is an optional extra, built against the installed torch (docs/bulk-and-clusters.md: when it helps)
 DEEPSPEED_MISSING = ("DeepSpeed is not installed; it is an optional extra: `make deepspeed`, or "
                      "`DS_BUILD_OPS=0 pip install --no-build-isolation 'spm-train[deepspeed]'`")
 
@@ -33,7 +33,8 @@ def pack_accelerator(device: torch.device, precision: str):
 
     accelerate keeps one state per process and refuses a second ``Accelerator`` with another precision;
     a Ray worker trains many packs in turn, each with its own trainer config, so every pack starts from a
-    fresh state. One pack trains at a time in a process.
+    fresh state (accelerate's ``_reset_state``, which its own test utilities use). One pack trains at a
+    time in a process.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -43,17 +44,19 @@ def pack_accelerator(device: torch.device, precision: str):
         raise ConfigError("trainer config", ["precision=fp16 needs a GPU; use bf16 or fp32 on the CPU"])
     world = _world_size()
     partial = PartialState._shared_state
-    if partial and (partial.get("num_processes") != world or getattr(partial.get("device"), "type", None) != device.type):
+    kind = getattr(partial.get("device"), "type", None)
+    if partial and (partial.get("num_processes") != world or kind != device.type):
         PartialState._reset_state()  # a process group came or went since the last pack, or the device kind
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_MIXED[precision], device_placement=False)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=_MIXED[precision],
+                              device_placement=False)
     if accelerator.num_processes != world:
         # accelerate reads the ranks from RANK / WORLD_SIZE / LOCAL_RANK; without them each process would
         # train alone and the workers' membranes would drift apart
         raise ConfigError("data-parallel setup", [
-            f"torch.distributed has {world} processes but accelerate sees {accelerator.num_processes}: start "
-            f"the workers with Ray Train, torchrun or accelerate launch (they set RANK, WORLD_SIZE and LOCAL_RANK)"])
+            f"torch.distributed has {world} processes but accelerate sees {accelerator.num_processes}: start the "
+            "workers with Ray Train, torchrun or accelerate launch (they set RANK, WORLD_SIZE and LOCAL_RANK)"])
     return accelerator
 
 
