@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first and pinned: an unpinned torch requirement would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install deepspeed clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,16 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH)
-	# DeepSpeed ships as a source package; building it against the installed torch avoids a second torch.
-	$(PY) -m pip install --quiet setuptools wheel
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed==0.19.8'
-	$(PY) -m pip install --quiet -e '.[dev,deepspeed]'
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional (docs/bulk-and-clusters.md: when DeepSpeed helps). It ships as a source package; building it
+# against the installed torch avoids a second torch.
+deepspeed: $(STAMP)
+	$(PY) -m pip install --quiet setuptools wheel
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed==0.19.8'
 
 demo: $(STAMP)
 	$(PY) -m pipelines.bulk_train

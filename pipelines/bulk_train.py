@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.console import quiet_console
 from pipelines.help import register_help
 from pipelines.schema import check_home, register
+from spm_train import parallel
 from spm_train.bulk.objective import OBJECTIVES, check_objective, objective_value
 from spm_train.bulk.plan import Job, expand, pack
 from spm_train.bulk.runner import ClusterOptions, check_reachable, connect, run_jobs
@@ -149,6 +150,8 @@ def _setup_cluster(cfg: DictConfig) -> tuple[ClusterOptions, int]:
         problems.append(f"max_retries must be >= 0, got {data['max_retries']}")
     if data.get("workers_per_job", 1) < 1:
         problems.append(f"workers_per_job must be >= 1, got {data['workers_per_job']}")
+    if data.get("deepspeed") and not parallel.deepspeed_available():
+        problems.append(f"cluster.deepspeed={data['deepspeed']}: {parallel.DEEPSPEED_MISSING}")
     if problems:
         raise ConfigError("cluster config", problems)
     if data.get("deepspeed"):

@@ -151,6 +151,8 @@ class TrainerConfig:
     gate: str = "none"
     # the paper and the official code do not clip gradients (0: off)
     max_grad_norm: float = 0.0
+    # autocast of the UNet calls through accelerate (membranes, losses and AdamW stay fp32); fp16 adds
+    # accelerate's loss scaler and needs a GPU
     precision: str = "fp32"
     # membrane-on samples per forward/backward (0: all at once); bounds activation memory of large packs
     micro_batch: int = 0

@@ -40,13 +40,13 @@ from .config import ConceptSpec, TrainerConfig
 from .errors import ConfigError, TrainingDivergedError
 from .membrane import Membrane, MembraneBank, layout_id
 from .models import ModelAdapter, PromptEmbeds, base_fingerprint
+from .parallel import DEEPSPEED_MISSING, average_gradients, deepspeed_available, pack_accelerator
 from .sampling import DDIMSchedule
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "spm-pack-checkpoint-1"
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def concept_seed(seed: int, name: str) -> int:
@@ -129,18 +129,24 @@ class PackTrainer:
 
     def __init__(self, pipe, concepts: Sequence[ConceptSpec], trainer: TrainerConfig, *,
                  checkpoint_dir: str | None = None, callback: Callable[[int, list[dict]], None] | None = None,
-                 progress: bool = True, deepspeed: dict | None = None):
+                 progress: bool = True, deepspeed: dict | None = None,
+                 on_checkpoint: Callable[[int, str], None] | None = None):
         self.cfg = trainer
         self.checkpoint_dir = checkpoint_dir
         self.callback = callback
+        # after each checkpoint, on every rank (the url on rank 0, "" elsewhere): Ray Train's report
+        self.on_checkpoint = on_checkpoint
         self.progress = progress
         self.ds_config = deepspeed
         self.engine = None
         if deepspeed is not None:
+            if not deepspeed_available():
+                raise ConfigError("trainer", [f"a DeepSpeed config was given: {DEEPSPEED_MISSING}"])
             _init_deepspeed_process_group()
         self._setup_concepts(concepts)
         try:
             self._setup_model(pipe)
+            self._setup_accelerator()
             self._setup_bank()
             self._setup_prompts()
             self._setup_layout()
@@ -182,9 +188,6 @@ class PackTrainer:
         self.trajectory = self.schedule.timesteps(self.cfg.max_denoising_steps)
         self.resolution = self.cfg.resolution or self.model.default_resolution()
         self.latent_shape = self.model.latent_shape(self.resolution)
-        dtype = _DTYPES[self.cfg.precision]
-        self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
-                         else contextlib.nullcontext())
         if self.cfg.compile:
             # Each pack traces its own graphs (routing modes, K): a fresh cache per pack keeps a process that
             # trains many packs under Dynamo's recompile limit, past which it would silently run eager.
@@ -192,11 +195,12 @@ class PackTrainer:
             torch._dynamo.reset()
             self.model.call_unet = torch.compile(self.unet)
 
-    def _setup_bank(self) -> None:
-        import torch.distributed as dist
+    def _setup_accelerator(self) -> None:
+        """Rank, world size, mixed precision and collectives from accelerate (see ``parallel``)."""
+        self.accelerator = pack_accelerator(self.device, self.cfg.precision)
+        self.worker_rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
 
-        distributed = dist.is_available() and dist.is_initialized()
-        self.worker_rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    def _setup_bank(self) -> None:
         seeds = [concept_seed(self.cfg.seed, s.name) for s in self.specs]
         # every rank starts from the same membrane; each rank then draws its own trajectories and anchors
         init_rngs = [torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds]
@@ -330,6 +334,8 @@ class PackTrainer:
         )
         if self.ds_config is not None:
             self._setup_deepspeed()
+        else:  # fp16 on a GPU: accelerate's loss scaler steps (or skips) AdamW
+            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
 
     def _setup_deepspeed(self) -> None:
         """Hand the UNet to a DeepSpeed engine: ZeRO shards what the config says (stage 3: the frozen base
@@ -413,7 +419,7 @@ class PackTrainer:
             embeds = PromptEmbeds.cat([self.uncond.repeat(n), cond])
             t = torch.full((2 * n,), self.trajectory[i], device=self.device, dtype=torch.long)
             self.bank.route(torch.cat([owners, owners]), embeds.gate)
-            with self.autocast:
+            with self.accelerator.autocast():
                 out = self.model.predict(torch.cat([x, x]), t, embeds, self.resolution)
             uncond, cond_out = out.to(self.compute_dtype).chunk(2)
             guided = uncond + cfg.trajectory_guidance * (cond_out - uncond)
@@ -452,7 +458,7 @@ class PackTrainer:
             on_t.append(torch.full((ne + na,), t, dtype=torch.long, device=dev))
         with torch.no_grad(), record_function("spm.membrane_off"):
             self.bank.set_permeability(None)
-            with self.autocast:
+            with self.accelerator.autocast():
                 off = self.model.predict(torch.cat(off_x), torch.cat(off_t), PromptEmbeds.cat(off_embeds),
                                          self.resolution).to(self.compute_dtype)
         # goals of every membrane-on sample: sum_i w_i |eps_on_i - goal_i|^2 is the pack's loss
@@ -473,14 +479,14 @@ class PackTrainer:
             for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
                 hi = min(lo + chunk, n)
                 self.bank.route(owner[lo:hi], None if e_on.gate is None else e_on.gate[lo:hi])
-                with self.autocast:
+                with self.accelerator.autocast():
                     on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
                                             self.resolution).to(self.compute_dtype)
                 err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
                 if self.engine is not None:
                     self.engine.backward((err * weight[lo:hi]).sum())
-                else:
-                    (err * weight[lo:hi]).sum().backward()
+                else:  # scaled for fp16 on a GPU
+                    self.accelerator.backward((err * weight[lo:hi]).sum())
                 sq[lo:hi] = err.detach()
         self.bank.set_permeability(None)
 
@@ -494,30 +500,14 @@ class PackTrainer:
             if self.engine is not None:
                 self.engine.step()  # reduce, clip, AdamW, schedule, zero
                 return losses
-            self._average_gradients()
+            average_gradients(self.accelerator, self.bank.parameters())
+            if self.accelerator.scaler is not None:  # clipping needs the true gradients
+                self.accelerator.unscale_gradients()
             self._clip_per_membrane()
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return losses
-
-    @torch.no_grad()
-    def _average_gradients(self) -> None:
-        """Data parallelism: average the membranes' gradients over ranks (one all-reduce per step)."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        params = self.bank.parameters()
-        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
-                          for p in params])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
 
     @torch.no_grad()
     def _clip_per_membrane(self) -> None:
@@ -558,7 +548,9 @@ class PackTrainer:
                     bar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / len(rows):.4g}")
                 if cfg.checkpoint_every and self.checkpoint_dir and (
                         self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations):
-                    self.save_checkpoint()
+                    url = self.save_checkpoint()
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(self.step, url)
         finally:
             bar.close()
         with self._gathered():
@@ -569,12 +561,8 @@ class PackTrainer:
         return TrainingResult(membranes, self.history, self.step, resumed_from, seconds)
 
     def _log(self, losses: torch.Tensor) -> list[dict]:
-        if self.world_size > 1:  # every rank sees (and acts on) the same averaged losses
-            import torch.distributed as dist
-
-            losses = losses.clone()
-            dist.all_reduce(losses)
-            losses /= self.world_size
+        # every rank sees (and acts on) the same averaged losses
+        losses = self.accelerator.reduce(losses, reduction="mean") if self.world_size > 1 else losses
         values = losses.cpu().tolist()
         lr = self.lr_scheduler.get_last_lr()[0]
         rows = [{"step": self.step, "concept": c.spec.name, "loss": v[0], "erase": v[1], "anchor": v[2], "lr": lr}
@@ -643,6 +631,11 @@ class PackTrainer:
         for i, p in enumerate(params):
             for key, value in optimizer_state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        scaler = self.accelerator.scaler
+        if scaler is not None:  # fp16: the loss scale decides which of the next steps are skipped
+            state = scaler.state_dict()
+            tensors["scaler.scale"] = torch.tensor(state["scale"], dtype=torch.float64)
+            tensors["scaler.growth_tracker"] = torch.tensor(state["_growth_tracker"], dtype=torch.int64)
         for rank, states in enumerate(self._gather_rng_states()):
             for k, (host, device, pick) in enumerate(states):
                 tensors[f"rng.{k}.host{_rank_suffix(rank)}"] = host
@@ -661,11 +654,9 @@ class PackTrainer:
         mine = [(c.host_rng.get_state(), c.rng.get_state(), c.pick_rng.get_state()) for c in self.concepts]
         if self.world_size == 1:
             return [mine]
-        import torch.distributed as dist
+        from accelerate.utils import gather_object
 
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return gather_object([mine])  # one list per rank, in rank order
 
     def load_checkpoint(self) -> int:
         """Resume from the checkpoint in ``checkpoint_dir`` if there is one; returns its step (0 if none)."""
@@ -695,6 +686,10 @@ class PackTrainer:
             opt_state = self.optimizer.state_dict()
             opt_state["state"] = state
             self.optimizer.load_state_dict(opt_state)
+        scaler = self.accelerator.scaler
+        if scaler is not None and "scaler.scale" in tensors:
+            scaler.load_state_dict(dict(scaler.state_dict(), scale=tensors["scaler.scale"].item(),
+                                        _growth_tracker=int(tensors["scaler.growth_tracker"])))
         if int(meta.get("world_size", 1)) != self.world_size:
             raise ConfigError("checkpoint", [f"{url} was written by {meta.get('world_size', 1)} worker(s), "
                                              f"this run has {self.world_size}"])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra, not installed (make deepspeed)")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""

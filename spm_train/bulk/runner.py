@@ -227,7 +227,7 @@ def _load_base(model: dict):
 
 
 def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: dict | None = None,
-               auto_pack: bool = False, claim: bool = True) -> list[dict]:
+               auto_pack: bool = False, claim: bool = True, reporter=None) -> list[dict]:
     """The body of one Ray task: train a pack (resuming if it was checkpointed) and store its results.
 
     With ``auto_pack`` the job's concepts are trained in consecutive packs of the largest size that
@@ -239,20 +239,21 @@ def train_pack(job: Job, model: dict, store_root: str, board=None, deepspeed: di
 
     With ``claim`` the pack's results are claimed in the store first: while another run trains them,
     this one waits and then returns that run's results (data-parallel workers are claimed for by
-    the task that drives them). A failure carries the last lines of this worker's log.
+    the task that drives them). A failure carries the last lines of this worker's log. ``reporter``
+    (``distributed.RayTrainReporter`` on Ray Train workers) hears of each checkpoint and of the end.
     """
     store = ResultStore(store_root)
     with _LogTail() as tail:
         try:
             with store.claim([t.key for t in job.tasks]) if claim else contextlib.nullcontext():
-                return _train_missing(job, model, store, board, deepspeed, auto_pack)
+                return _train_missing(job, model, store, board, deepspeed, auto_pack, reporter)
         except Exception as exc:
             tail.attach(exc)
             raise
 
 
 def _train_missing(job: Job, model: dict, store: ResultStore, board, deepspeed: dict | None,
-                   auto_pack: bool) -> list[dict]:
+                   auto_pack: bool, reporter=None) -> list[dict]:
     found = {t.key: store.lookup(t.key) for t in job.tasks}
     stored = {key: result.to_dict() for key, result in found.items() if result is not None}
     todo = [t for t in job.tasks if t.key not in stored]
@@ -263,7 +264,8 @@ def _train_missing(job: Job, model: dict, store: ResultStore, board, deepspeed: 
     if todo:
         splits = auto_pack and deepspeed is None
         rest = job if len(todo) == len(job.tasks) or not splits else job.part(todo)
-        for row in _train_parts(rest, _load_base(model), store, board, deepspeed, auto_pack, skip=set(stored)):
+        for row in _train_parts(rest, _load_base(model), store, board, deepspeed, auto_pack, skip=set(stored),
+                                reporter=reporter):
             trained[row["key"]] = row
     if stored and len(stored) + len(trained) == len(job.tasks):
         store.drop_checkpoint(job.job_id)  # the whole pack's, if the first attempt left one
@@ -271,22 +273,38 @@ def _train_missing(job: Job, model: dict, store: ResultStore, board, deepspeed: 
 
 
 def _train_parts(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
-                 auto_pack: bool, skip: set[str] = frozenset()) -> list[dict]:
-    """Train ``job`` as one pack, or (``auto_pack``) as consecutive packs that fit the accelerator."""
-    if auto_pack and deepspeed is None:
-        from ..packing import fit_pack_size
+                 auto_pack: bool, skip: set[str] = frozenset(), reporter=None) -> list[dict]:
+    """Train ``job`` as one pack, or (``auto_pack``) as consecutive packs that fit the accelerator.
 
-        k = fit_pack_size(pipe, job.trainer, limit=len(job.tasks))
-        if k is not None and k < len(job.tasks):
-            rows = []
-            for i in range(0, len(job.tasks), k):
-                rows += _train_pack(job.part(job.tasks[i:i + k]), pipe, store, board, None)
-            return rows
-    return _train_pack(job, pipe, store, board, deepspeed, skip)
+    The first pack size is measured (``packing.fit_pack_size``, GPU only; the whole job elsewhere); when a
+    pack still runs out of memory, accelerate's ``find_executable_batch_size`` retries the concepts not yet
+    trained in packs 10 % smaller (at least one concept fewer), keeping the packs already trained.
+    """
+    if not auto_pack or deepspeed is not None:
+        return _train_pack(job, pipe, store, board, deepspeed, skip, reporter)
+    from accelerate.utils import find_executable_batch_size
+
+    from ..packing import fit_pack_size
+
+    done: dict[str, dict] = {}
+
+    @find_executable_batch_size(starting_batch_size=fit_pack_size(pipe, job.trainer, limit=len(job.tasks))
+                                or len(job.tasks))
+    def train_in_packs(size: int) -> None:
+        rest = [t for t in job.tasks if t.key not in done]
+        if size >= len(job.tasks):  # the whole job: its own checkpoint folder, and what an earlier attempt stored
+            done.update((row["key"], row) for row in _train_pack(job, pipe, store, board, None, skip))
+            return
+        logger.info("pack %s: training its %d concept(s) in packs of %d", job.job_id[:8], len(rest), size)
+        for i in range(0, len(rest), size):
+            done.update((row["key"], row) for row in _train_pack(job.part(rest[i:i + size]), pipe, store, board, None))
+
+    train_in_packs()
+    return [done[t.key] for t in job.tasks if t.key in done]
 
 
 def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | None,
-                skip: set[str] = frozenset()) -> list[dict]:
+                skip: set[str] = frozenset(), reporter=None) -> list[dict]:
     """Train ``job`` as one pack and store the results of its concepts, except those in ``skip``."""
     import ray
 
@@ -304,10 +322,16 @@ def _train_pack(job: Job, pipe, store: ResultStore, board, deepspeed: dict | Non
                                 rows_out)
 
     started, start = time.time(), time.perf_counter()
+    def checkpointed(step: int, url: str) -> None:
+        reporter.checkpoint(step, url, trainer.history)
+
     trainer = PackTrainer(pipe, job.concepts, job.trainer, checkpoint_dir=store.checkpoint_dir(job.job_id),
-                          callback=report, progress=False, deepspeed=deepspeed)
+                          callback=report, progress=False, deepspeed=deepspeed,
+                          on_checkpoint=checkpointed if reporter is not None else None)
     try:
         result = trainer.train()
+        if reporter is not None:
+            reporter.finished(result.steps, result.history)
     finally:
         trainer.close()
         if getattr(trainer, "zero_stage", 0) == 3:  # ZeRO 3 partitioned the base's weights in place
@@ -454,7 +478,9 @@ def run_jobs(jobs: Sequence[Job], model: dict, store: ResultStore, options: Clus
         # the task only drives a Ray Train worker group, which holds the resources
         remote = ray.remote(train_pack_data_parallel)
         resources = dict(num_cpus=0, num_gpus=0)
-        extra = (options.workers_per_job, options.cpus_per_job, options.gpus_per_job, options.deepspeed)
+        # Ray Train restarts a worker group that lost a worker, as Ray retries a single-process task
+        extra = (options.workers_per_job, options.cpus_per_job, options.gpus_per_job, options.deepspeed,
+                 options.max_retries)
     else:
         remote = ray.remote(train_fn or train_pack)
         resources = dict(num_cpus=options.cpus_per_job, num_gpus=options.gpus_per_job)

@@ -7,7 +7,7 @@ import ray
 import torch
 
 from pipelines.bulk_train import plan_run, train
-from spm_train import load_membrane
+from spm_train import load_membrane, parallel
 from spm_train.errors import ClusterError, ConfigError
 
 from .conftest import compose
@@ -123,12 +123,20 @@ def test_plan_groups_concepts_into_packs(tmp_path):
     assert torch.is_tensor(torch.zeros(1))
 
 
+@pytest.mark.skipif(not parallel.deepspeed_available(), reason="DeepSpeed is an optional extra (make deepspeed)")
 def test_packs_train_under_a_deepspeed_config(tmp_path, ray_shutdown):
     cfg = compose(tmp_path, "cluster.num_cpus=2", "cluster.deepspeed=zero2", "cluster.pack_size=3")
     summary = train(cfg, run_dir=str(tmp_path / "run"))
     assert [r.status for r in summary.results] == ["trained"] * 3, [r.error for r in summary.results]
     with pytest.raises(ConfigError, match="deepspeed config 'zero9' not found"):
         plan_run(compose(tmp_path, "cluster.deepspeed=zero9"))
+
+
+def test_a_deepspeed_config_without_deepspeed_installed_is_refused_before_any_job(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "deepspeed_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"cluster.deepspeed=zero2: DeepSpeed is not installed.*make deepspeed"):
+        plan_run(compose(tmp_path, "cluster.deepspeed=zero2"))
+    assert not os.path.exists(tmp_path / "store")
 
 
 def test_pack_size_zero_sizes_packs_on_the_worker(tmp_path, ray_shutdown):

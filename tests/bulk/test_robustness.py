@@ -23,6 +23,7 @@ from spm_train.bulk.runner import ClusterOptions, check_reachable, check_resourc
 from spm_train.bulk.store import ConceptResult, ResultStore
 from spm_train.errors import ClusterError, ConfigError
 from spm_train.membrane import Membrane
+from spm_train.training import PackTrainer
 
 from .conftest import compose
 
@@ -186,6 +187,41 @@ def test_a_retried_auto_pack_job_skips_the_sub_packs_it_already_stored(tmp_path,
     assert [r["concept"] for r in rows] == ["a", "b", "c"] and {r["status"] for r in rows} == {"trained"}
     assert rows[0] == first.to_dict()
     assert not _checkpoints(tmp_path / "store")
+
+
+def test_a_pack_that_runs_out_of_memory_shrinks_until_it_fits(tmp_path, monkeypatch, trained_packs):
+    """cluster.pack_size=0: a pack of more than one concept runs out of GPU memory on its first step (a stub
+    step raising what CUDA raises); accelerate retries smaller packs (10 % smaller, at least one concept fewer)
+    until one fits, and every concept trains."""
+    from spm_train import packing
+
+    monkeypatch.setattr(packing, "fit_pack_size", lambda pipe, trainer, limit=64: 3)  # measured: all three
+    real_step = PackTrainer._train_step
+
+    def step(self):
+        if len(self.concepts) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self)
+
+    monkeypatch.setattr(PackTrainer, "_train_step", step)
+    job, root = _job(), str(tmp_path / "store")
+    rows = train_pack(job, TINY, root, auto_pack=True)
+    assert trained_packs["packs"] == [["a", "b", "c"], ["a", "b"], ["a"], ["b"], ["c"]]  # 3 -> 2 -> 1
+    assert [r["concept"] for r in rows] == ["a", "b", "c"] and {r["status"] for r in rows} == {"trained"}
+    assert {r["pack_concepts"] for r in rows} == {1}
+    assert all(ResultStore(root).lookup(t.key) is not None for t in job.tasks)
+    assert not _checkpoints(tmp_path / "store")
+
+
+def test_an_error_other_than_memory_is_not_retried_smaller(tmp_path, monkeypatch, trained_packs):
+    from spm_train import packing
+
+    monkeypatch.setattr(packing, "fit_pack_size", lambda pipe, trainer, limit=64: None)  # CPU: the whole job
+    monkeypatch.setattr(PackTrainer, "_train_step", lambda self: (_ for _ in ()).throw(
+        RuntimeError("expected all tensors to be on the same device")))
+    with pytest.raises(RuntimeError, match="same device"):
+        train_pack(_job(), TINY, str(tmp_path / "store"), auto_pack=True)
+    assert trained_packs["packs"] == [["a", "b", "c"]]
 
 
 def test_a_retried_pack_resumes_from_its_checkpoint_and_stores_only_what_is_missing(tmp_path, monkeypatch,
