@@ -28,8 +28,11 @@ deepspeed: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pipelines.bulk_train
 
+# Both cores: one test file per worker (module fixtures such as trained packs are built once), one
+# BLAS/OpenMP thread each (two busy-waiting thread pools per core slow a step forty-fold).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
