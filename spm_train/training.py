@@ -98,6 +98,7 @@ class _Concept:
     phrasing_prompts: list[str] = field(default_factory=list)
     anchor_prompts: list[str] = field(default_factory=list)
     calibration: object | None = None  # transport calibration (spm_train.transport.Calibration), when known
+    gate_reference: tuple | None = None  # the concept's encoding for token gates (transport.concept_reference)
 
     @property
     def erase_rows(self) -> int:
@@ -245,14 +246,16 @@ class PackTrainer:
     def _setup_gates(self, concept: _Concept) -> None:
         """Token gates of a gated membrane's prompts, as ``apply_membranes`` will open it: the target and
         its phrasings on the concept's tokens and tail, real prompt anchors as far as they are close."""
-        from .transport import Calibration, calibrate_transport, prompt_gates
+        from .transport import Calibration, calibrate_transport, concept_reference, prompt_gates
 
         spec = concept.spec
         concept.calibration = (calibrate_transport(self.model.pipe, [spec.target], self.corpus)
                                if self.cfg.calibrate else Calibration())
+        concept.gate_reference = concept_reference(self.model, spec.target)
 
         def gated(embeds: PromptEmbeds, prompts: list[str]) -> PromptEmbeds:
-            return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration))
+            return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration,
+                                                 concept.gate_reference))
 
         concept.target = gated(concept.target, [spec.target])
         if concept.phrasing_pos is not None:
@@ -389,7 +392,8 @@ class PackTrainer:
                 if c.calibration is not None:  # a gated membrane opens on sampled anchors as far as they are close
                     from .transport import prompt_gates
 
-                    sampled = sampled.with_gate(prompt_gates(self.model, None, hidden, c.spec.target, c.calibration))
+                    sampled = sampled.with_gate(prompt_gates(self.model, None, hidden, c.spec.target, c.calibration,
+                                                             c.gate_reference))
                 parts.append(sampled)
             if c.num_anchors > c.num_random:
                 pick = torch.randint(len(c.anchor_pool), (c.num_anchors - c.num_random,), generator=c.pick_rng)

@@ -147,15 +147,20 @@ def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.T
     return torch.where(tail.to(out.device).unsqueeze(-1), prompt_gamma.to(out).unsqueeze(1), out)
 
 
+def concept_reference(model: ModelAdapter, concept: str) -> tuple:
+    """What ``prompt_gates`` compares prompts with: the concept's contextual embedding, content mask and
+    content token ids (encode once, gate every iteration)."""
+    return model.encode([concept]).hidden.float(), [model.content_mask(concept)], [model.token_ids(concept)]
+
+
 def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: torch.Tensor, concept: str,
-                 calibration: Calibration) -> torch.Tensor:
+                 calibration: Calibration, reference: tuple | None = None) -> torch.Tensor:
     """``[N, T]`` token gate of one concept's membrane for prompts encoded as ``hidden`` (training).
 
     ``prompts=None`` for embeddings that are no prompt (sampled anchors): every position counts as a
-    content token and none as the tail."""
-    c_embeds = model.encode([concept]).hidden.float()
-    c_masks = [model.content_mask(concept)]
-    c_ids = [model.token_ids(concept)]
+    content token and none as the tail. ``reference``: ``concept_reference(model, concept)``, when the
+    caller keeps it."""
+    c_embeds, c_masks, c_ids = reference if reference is not None else concept_reference(model, concept)
     ids = None
     if prompts is None:
         content = torch.ones(hidden.shape[:2], dtype=torch.bool)
@@ -400,8 +405,8 @@ class MembraneHandle:
         tail = torch.stack([found[b][3] for b in rows])
         ids = torch.stack([found[b][4] for b in rows])
         owner = torch.as_tensor(self.concept_owner, device=gamma.device)
-        concept_gamma = gamma[rows].index_select(1, owner)
-        per_concept = token_gate(hidden[rows], content, tail, torch.ones_like(concept_gamma),
+        # the tail is set below from the final per-membrane permeability
+        per_concept = token_gate(hidden[rows], content, tail, torch.ones(len(rows), len(owner)),
                                  self.concept_embeds, self.concept_masks, self.calibration, ids, self.concept_ids)
         per_concept = (self.facilitate * per_concept).to(gamma.device)
         if self.scaling == "official":
