@@ -26,11 +26,15 @@ from spm_train.errors import ConfigError, SPMError
 
 logger = logging.getLogger("pipelines.erasure_report")
 
+# what a catalog entry's `concept` may set on every concept of the set (what the erase loss is given)
+CONCEPT_OVERRIDES = frozenset({"positive", "neutral", "surrogate", "guidance_scale"})
+
 register()
 
 
 def check(cfg: DictConfig):
-    """Every problem of the config in one ``ConfigError``; returns (concepts, variants, settings)."""
+    """Every problem of the config in one ``ConfigError``; returns (concepts, variants, settings), where a
+    variant is (trainer, transport, the concepts as it trains them)."""
     from spm_train.config import ConceptSpec, TrainerConfig
     from spm_train.erasure import ErasureSettings
     from spm_train.transport import SCALINGS, SIMILARITIES
@@ -49,9 +53,18 @@ def check(cfg: DictConfig):
             problems.append(f"variants: {name!r} is not in the catalog ({', '.join(catalog)})")
             continue
         entry = catalog[name] or {}
-        unknown = sorted(set(entry) - {"trainer", "transport"})
+        unknown = sorted(set(entry) - {"trainer", "transport", "concept"})
         if unknown:
-            problems.append(f"catalog.{name}: unknown keys {unknown} (trainer, transport)")
+            problems.append(f"catalog.{name}: unknown keys {unknown} (trainer, transport, concept)")
+        override = dict(entry.get("concept") or {})
+        if set(override) - CONCEPT_OVERRIDES:
+            problems.append(f"catalog.{name}.concept: only {', '.join(sorted(CONCEPT_OVERRIDES))}")
+            override = {}
+        try:
+            trained = [ConceptSpec(**{**c.to_dict(), **override}) for c in concepts]
+        except ConfigError as exc:
+            problems.append(f"catalog.{name}.concept: {exc}")
+            trained = concepts
         try:
             trainer = TrainerConfig.preset(cfg.preset, **(entry.get("trainer") or {}))
         except (ConfigError, TypeError) as exc:
@@ -67,7 +80,7 @@ def check(cfg: DictConfig):
             problems.append(f"catalog.{name}.transport.scaling: one of {', '.join(SCALINGS)}")
         if set(transport) - {"similarity", "scaling", "facilitate"}:
             problems.append(f"catalog.{name}.transport: only similarity, scaling and facilitate")
-        variants[name] = (trainer, transport)
+        variants[name] = (trainer, transport, trained)
     if not cfg.variants:
         problems.append("variants is empty")
     try:
@@ -104,9 +117,9 @@ def run(cfg: DictConfig) -> dict:
     pipe = load_pipeline("base")
     results, membranes_of, snapshots = {}, {}, {}
     benches, trained_by = {}, {}
-    for name, (trainer, transport) in variants.items():
-        fingerprint = trainer.fingerprint()
-        stored = _stored(out, name, concepts, trainer)
+    for name, (trainer, transport, trained_concepts) in variants.items():
+        fingerprint = (trainer.fingerprint(), json.dumps([_training_fields(c) for c in trained_concepts]))
+        stored = _stored(out, name, trained_concepts, trainer)
         if fingerprint in trained_by:
             logger.info("variant %s: the same trainer as %s, its membranes reused", name, trained_by[fingerprint][0])
             trained = trained_by[fingerprint][1]
@@ -116,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
             trained_by[fingerprint] = (name, trained)
         else:
             logger.info("variant %s: training %d membranes", name, len(concepts))
-            trained = train_membranes(pipe, concepts, trainer, progress=True).membranes
+            trained = train_membranes(pipe, trained_concepts, trainer, progress=True).membranes
             trained_by[fingerprint] = (name, trained)
         membranes = {m.name: m for m in trained}
         for m in trained:
@@ -131,6 +144,7 @@ def run(cfg: DictConfig) -> dict:
         snapshots[name] = {}
         rows = benches[key].measure(membranes, snapshots=snapshots[name])
         results[name] = {"trainer": trainer.to_dict(), "transport": transport,
+                         "concepts": {c.name: _training_fields(c) for c in trained_concepts},
                          "rows": [r.to_dict() for r in rows], "summary": summarise(rows)}
         membranes_of[name] = membranes
         logger.info("variant %s: %s", name, json.dumps(results[name]["summary"]))
@@ -138,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
     bar = OmegaConf.to_container(cfg.bar, resolve=True)
     best = min(results, key=lambda n: _distance(results[n]["summary"], bar))
     extra = {}
-    trainer, transport = variants[best]
+    transport = variants[best][1]
     base_bench = benches[_transport_key(transport)]
     if cfg.transport_off:
         off = base_bench.with_settings(dataclasses.replace(base_bench.settings, transport=False))
@@ -204,8 +218,19 @@ def _stored(out: str, variant: str, concepts, trainer):
             return None
         if not _same_training(membrane.trainer, trainer):
             return None
+        try:
+            recorded = json.loads(membrane.extra.get("concept", "{}"))
+        except ValueError:
+            return None
+        if {k: recorded.get(k) for k in _training_fields(c)} != _training_fields(c):
+            return None
         membranes.append(membrane)
     return membranes
+
+
+def _training_fields(concept) -> dict:
+    """The fields of a concept that change what its membrane learns, beside the trainer."""
+    return {k: getattr(concept, k) for k in sorted(CONCEPT_OVERRIDES)}
 
 
 def _same_training(stored: dict, trainer) -> bool:
@@ -254,6 +279,16 @@ def _rows_table(rows):
          f"{r['gamma_nontarget']:.2f}"] for r in rows])
 
 
+def _erased_towards(concepts: dict | None) -> str:
+    """What a variant's erase loss pulls its concepts towards, in a few words ("surrogates, g 4")."""
+    if not concepts:
+        return "–"
+    kinds = {"surrogates" if c.get("surrogate") is not None
+             else ("the empty prompt" if not c.get("neutral") else "neutral prompts") for c in concepts.values()}
+    scales = sorted({float(c.get("guidance_scale", 1.0)) for c in concepts.values()})
+    return f"{' and '.join(sorted(kinds))}, g {'/'.join(f'{g:g}' for g in scales)}"
+
+
 def _write_report(report: dict, out: str) -> str:
     """``report.md`` and a self-contained ``report.html`` (tables from the rows, pictures inline) in ``out``;
     returns the HTML's path."""
@@ -268,10 +303,10 @@ def _write_report(report: dict, out: str) -> str:
     summary_rows = []
     for name, r in report["variants"].items():
         for mode, s in r["summary"].items():
-            summary_rows.append([name, mode, f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
+            summary_rows.append([name, mode, _erased_towards(r.get("concepts")), f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
                                  f"{s['max_nontarget_drop']:.1f}", f"{s['mean_nontarget_drop']:.1f}",
                                  f"{s['mean_pixel_mse']:.2e}", f"{s.get('mean_rest_drop', float('nan')):.1f}"])
-    variants = [intro, Table(["variant", "equipped", "max P after", "mean P after", "max non-target drop",
+    variants = [intro, Table(["variant", "equipped", "erased towards", "max P after", "mean P after", "max non-target drop",
                               "mean non-target drop", "mean pixel MSE", "mean rest-of-prompt drop"], summary_rows)]
     if os.path.exists(os.path.join(out, "pareto.png")):
         variants.append(Figure("Pareto: mean P(target) after against mean non-target drop",

@@ -257,8 +257,8 @@ TRAINER_PRESETS: dict[str, TrainerConfig] = {
     # A shorter schedule for quick looks on real models.
     "fast": TrainerConfig(iterations=1000, lr=3e-4, lr_warmup_steps=100, precision="bf16", max_grad_norm=1.0),
     # ToyWorld (docs/evaluation-and-toyworld.md, "Erasure on ToyWorld"): the paper's lambda = 1000 holds
-    # the tiny model's membrane still; lambda = 1 with a 3e-3 step erases. Pair it with guidance_scale 16
-    # on the concepts.
+    # the tiny model's membrane still; lambda = 1 with a 3e-3 step erases. Pair it with a surrogate and
+    # guidance_scale 4 on the concepts (or guidance_scale 16 towards the empty prompt; docs/erasure.md).
     "toyworld": TrainerConfig(iterations=150, lr=3e-3, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
                               max_denoising_steps=10, anchors_per_step=4, la_strength=1.0, log_every=10,
                               checkpoint_every=50, max_grad_norm=1.0, phrasings=2, prompt_anchors=4,

@@ -272,14 +272,16 @@ class PackTrainer:
 
     def _setup_corpus_prompts(self, concept: _Concept, corpus, anchoring: bool, pool: int = 256) -> None:
         """Encode the concept's pools once: its phrasings (each with the concept's words replaced by the
-        neutral or surrogate prompt) and real prompts that mention no concept of the pack."""
-        from .prompts import replace_concept
+        neutral prompt, or by a surrogate's own words: "a circle here" -> "a square here") and real prompts
+        that mention no concept of the pack."""
+        from .prompts import concept_words, replace_concept
 
         spec, cfg = concept.spec, self.cfg
         if cfg.phrasings:
             found = [p for p in corpus.phrasings(spec.target, pool) if p.strip() != spec.target.strip()]
             if found:
-                neutral = [replace_concept(p, spec.target, spec.neutral_prompt) for p in found]
+                swap = " ".join(concept_words(spec.surrogate)) if spec.surrogate is not None else spec.neutral_prompt
+                neutral = [replace_concept(p, spec.target, swap) for p in found]
                 concept.phrasing_pos = self.model.encode(found)
                 concept.phrasing_neu = self.model.encode(neutral)
                 concept.phrasing_prompts = found

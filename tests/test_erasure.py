@@ -1,6 +1,8 @@
 """The erasure report's measurement: held-out phrasings, drawable prompts, intervals, exact reuse of the
 base generations where no membrane opens, and the candidate selection of the registry stage."""
 
+import json
+
 import pytest
 import torch
 
@@ -147,13 +149,15 @@ def test_the_erasure_report_is_written_as_markdown_and_a_self_contained_html_pag
     report = {"concepts": ["circle"], "settings": {"draw_threshold": 0.5, "samples": 4},
               "bar": {"alone": {"max_p_after": 0.05, "max_nontarget_drop": 2.0},
                       "together": {"max_p_after": 0.1, "max_nontarget_drop": 5.0}},
-              "variants": {"calibrated": {"rows": [row("circle", "alone", 0.05)], "summary": summary},
+              "variants": {"calibrated": {"rows": [row("circle", "alone", 0.05)], "summary": summary,
+                                          "concepts": {"circle": {"surrogate": "a square", "guidance_scale": 4.0}}},
                            "paper": {"rows": [row("circle", "alone", 0.5)], "summary": summary}},
               "best": "calibrated", "best_extra": {"transport_off": {"rows": [row("circle", "alone", 0.75)]}},
               "command": "python -m pipelines.erasure_report", "pictures": {"circle": "pictures/circle.png"}}
     path = _write_report(report, str(tmp_path))
     assert path == str(tmp_path / "report.html")
     markdown = (tmp_path / "report.md").read_text()
+    assert "| calibrated | alone | surrogates, g 4 | 0.10 |" in markdown
     assert "## Transport off" in markdown and "](pictures/circle.png)" in markdown and "](pareto.png)" in markdown
     page = _Page()
     page.feed(open(path, encoding="utf-8").read())
@@ -178,3 +182,38 @@ def test_the_report_reuses_membranes_whose_recorded_trainer_trains_the_same_weig
     assert not _same_training({**stored, "lr": 1e-3}, trainer)
     assert not _same_training({**stored, "gate": "token"}, trainer)
     assert not _same_training({**stored, "unknown_option": 1}, trainer)
+
+
+def test_a_catalog_entry_can_set_what_every_concept_is_erased_towards(bench, tmp_path):
+    """A variant's ``concept`` entry replaces the erase loss's fields of every concept (here: back to the
+    paper's empty neutral at guidance 16); the concept set's own fields hold elsewhere, and a stored
+    membrane trained towards another neutral is not reused."""
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.erasure_report  # noqa: F401
+    from pipelines.erasure_report import _stored, check
+    from spm_train.config import TrainerConfig
+    from spm_train.errors import ConfigError
+    from tests.bulk.conftest import CONF
+
+    overrides = ["variants=[gated,no_surrogate]", "+catalog.no_surrogate.trainer.gate=token",
+                 "+catalog.no_surrogate.concept={surrogate: null, guidance_scale: 16.0}",
+                 "concepts.concepts=[{name: circle, target: a circle, surrogate: a square, guidance_scale: 4.0}]"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("erasure_report", overrides=overrides)
+        bad = compose("erasure_report", overrides=overrides + ["+catalog.gated.concept={target: a star}"])
+    concepts, variants, _ = check(cfg)
+    assert [(c.surrogate, c.guidance_scale) for c in variants["gated"][2]] == [("a square", 4.0)]
+    assert [(c.surrogate, c.neutral_prompt, c.guidance_scale) for c in variants["no_surrogate"][2]] == [
+        (None, "", 16.0)]
+    assert concepts[0].surrogate == "a square"  # the bench measures the concept set as given
+    with pytest.raises(ConfigError, match=r"catalog.gated.concept: only guidance_scale, neutral"):
+        check(bad)
+
+    trainer = TrainerConfig.preset("smoke")
+    membrane = _zero_membrane(bench.pipe, "circle", "a circle")
+    membrane.trainer = trainer.to_dict()
+    membrane.extra["concept"] = json.dumps(ConceptSpec("circle", "a circle", surrogate="a square").to_dict())
+    membrane.save(str(tmp_path / "v" / "circle.safetensors"))
+    assert _stored(str(tmp_path), "v", [ConceptSpec("circle", "a circle", surrogate="a square")], trainer)
+    assert _stored(str(tmp_path), "v", [ConceptSpec("circle", "a circle")], trainer) is None

@@ -260,6 +260,9 @@ def test_phrasings_and_prompt_anchors_leave_the_papers_draws_as_they_were(tmp_pa
             assert t0 == t1 and torch.equal(n0, n1)
             assert torch.equal(a1.hidden[:len(a0)], a0.hidden)  # the sampled anchors first, unchanged
             assert len(a1) == len(a0) + 2 and len(phrasings[0]) == 3
+    rich.close()
+    # a surrogate written as a prompt ("a cat") stands in with its own words
+    rich = PackTrainer(pipe, [CAT, ConceptSpec("dog", "dog", surrogate="a cat")], cfg, progress=False)
     cat, dog = rich.concepts
     model = ModelAdapter(pipe)
     dog_phrasings = ["a dog in a house", "a photo of a dog", "a cat and a dog"]
