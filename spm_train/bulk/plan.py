@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -13,6 +14,11 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .runner import ClusterOptions
+
+
+# concept fields a sweep may vary beside the trainer's: the erase strength g, the setting a concept's
+# candidates most often differ in (docs/erasure.md)
+CONCEPT_SWEEP_FIELDS = ("guidance_scale",)
 
 
 def _hash(obj: Any) -> str:
@@ -96,7 +102,8 @@ def _pack_id(tasks: Sequence[Task]) -> str:
 
 
 def sweep_points(sweep: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
-    """Cartesian product of ``{trainer_field: [values]}``; one empty point without a sweep."""
+    """Cartesian product of ``{field: [values]}`` (trainer fields and ``CONCEPT_SWEEP_FIELDS``); one empty
+    point without a sweep."""
     if not sweep:
         return [{}]
     keys = sorted(sweep)
@@ -111,7 +118,8 @@ def expand(concepts: Sequence[ConceptSpec], trainer: TrainerConfig, sweep, base_
            cluster: ClusterOptions | None = None) -> list[Task]:
     """Every (concept, sweep point) with its effective trainer; all problems reported at once.
 
-    Precedence: the set's trainer, then the concept's own overrides, then the sweep point.
+    Precedence: the set's trainer, then the concept's own overrides, then the sweep point. A sweep over a
+    concept field (``guidance_scale``) sets it on every concept at that point.
     ``cluster`` is how the packs will train: data-parallel or DeepSpeed settings enter the result keys.
     """
     setup = training_setup(cluster)
@@ -124,9 +132,13 @@ def expand(concepts: Sequence[ConceptSpec], trainer: TrainerConfig, sweep, base_
         problems.append(f"concept names must be unique, repeated: {dupes}")
     tasks, seen = [], set()
     for point in sweep_points(sweep):
+        on_trainer = {k: v for k, v in point.items() if k not in CONCEPT_SWEEP_FIELDS}
+        on_concept = {k: v for k, v in point.items() if k in CONCEPT_SWEEP_FIELDS}
         for concept in concepts:
             try:
-                effective = trainer.replace(**concept.trainer).replace(**point)
+                effective = trainer.replace(**concept.trainer).replace(**on_trainer)
+                if on_concept:
+                    concept = dataclasses.replace(concept, **on_concept)
             except ConfigError as exc:
                 problems += [f"concept {concept.name!r} at {point_id(point)}: {p}" for p in exc.problems]
                 continue
@@ -140,12 +152,14 @@ def expand(concepts: Sequence[ConceptSpec], trainer: TrainerConfig, sweep, base_
 
 
 def pack(tasks: Sequence[Task], pack_size: int) -> list[Job]:
-    """Group tasks with identical trainer configs into packs of at most ``pack_size`` concepts."""
+    """Group tasks with identical trainer configs into packs of at most ``pack_size`` concepts (a concept's
+    candidates at several values of a concept field train in separate packs: a pack holds a name once)."""
     if pack_size < 1:
         raise ConfigError("bulk run", [f"pack_size must be >= 1, got {pack_size}"])
-    groups: dict[str, list[Task]] = {}
+    groups: dict[tuple, list[Task]] = {}
     for task in tasks:
-        groups.setdefault(task.trainer.fingerprint(), []).append(task)
+        on_concept = tuple((k, task.point[k]) for k in CONCEPT_SWEEP_FIELDS if k in task.point)
+        groups.setdefault((task.trainer.fingerprint(), on_concept), []).append(task)
     jobs = []
     for group in groups.values():
         for i in range(0, len(group), pack_size):

@@ -1,5 +1,6 @@
 """The main job on a local Ray instance: results, caching, sweeps, failures, bad configs."""
 
+import json
 import os
 
 import pytest
@@ -35,12 +36,17 @@ def test_trains_every_concept_then_skips_what_it_already_has(tmp_path, ray_shutd
 
 def test_a_sweep_runs_its_points_concurrently(tmp_path, ray_shutdown):
     cfg = compose(tmp_path, "cluster.num_cpus=4", "trainer.iterations=30", "trainer.checkpoint_every=0",
-                  "+sweep.lr=[1e-3,2e-3]", "+sweep.la_strength=[100.0,1000.0]",
+                  "+sweep.lr=[1e-3,2e-3]", "+sweep.guidance_scale=[1.0,2.0]",
                   "concepts.concepts=[{name: cat, target: a photo of a cat}]")
     summary = train(cfg, run_dir=str(tmp_path / "run"))
     assert len(summary.results) == 4 and {r.status for r in summary.results} == {"trained"}
     assert len({r.point_id for r in summary.results}) == 4
     assert len({r.job_id for r in summary.results}) == 4
+    # a trainer field and a concept field: each membrane records the erase strength it was trained with
+    for r in summary.results:
+        membrane = load_membrane(r.membrane)
+        assert json.loads(membrane.extra["concept"])["guidance_scale"] == r.point["guidance_scale"]
+        assert float(membrane.trainer["lr"]) == r.point["lr"]
     intervals = [(r.started, r.finished) for r in summary.results]
     # at the moment the last job started, how many were still running?
     last_start = max(s for s, _ in intervals)

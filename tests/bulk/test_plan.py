@@ -58,3 +58,19 @@ def test_splitting_a_pack_gives_one_job_per_concept():
     singles = job.split()
     assert [s.names for s in singles] == [["a"], ["b"]]
     assert len({s.job_id for s in singles} | {job.job_id}) == 3
+
+
+def test_a_sweep_over_the_erase_strength_gives_each_concept_one_candidate_per_value():
+    """``guidance_scale`` is a concept field: a sweep over it sets it on every concept at each point; a
+    concept's candidates get their own result keys and packs (a pack holds a name once), and a bad value
+    is reported before any job."""
+    tasks = expand(CONCEPTS[:2], BASE, {"guidance_scale": [4.0, 8.0], "lr": [1e-3]}, "fp")
+    assert sorted((t.concept.name, t.concept.guidance_scale, t.trainer.lr) for t in tasks) == [
+        ("a", 4.0, 1e-3), ("a", 8.0, 1e-3), ("b", 4.0, 1e-3), ("b", 8.0, 1e-3)]
+    assert len({t.key for t in tasks}) == 4 and CONCEPTS[0].guidance_scale == 1.0  # the set is untouched
+    jobs = pack(tasks, pack_size=8)
+    assert sorted(sorted(j.names) for j in jobs) == [["a", "b"], ["a", "b"]]
+    assert {frozenset(t.concept.guidance_scale for t in j.tasks) for j in jobs} == {frozenset([4.0]),
+                                                                                   frozenset([8.0])}
+    with pytest.raises(ConfigError, match="guidance_scale must be >= 0"):
+        expand(CONCEPTS[:1], BASE, {"guidance_scale": [-1.0]}, "fp")
