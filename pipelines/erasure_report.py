@@ -13,6 +13,7 @@ held-out prompt, each image labelled with the classifier's verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,7 +62,7 @@ def check(cfg: DictConfig):
             problems.append(f"catalog.{name}.concept: only {', '.join(sorted(CONCEPT_OVERRIDES))}")
             override = {}
         try:
-            trained = [ConceptSpec(**{**c.to_dict(), **override}) for c in concepts]
+            trained = [dataclasses.replace(c, **override) for c in concepts]
         except ConfigError as exc:
             problems.append(f"catalog.{name}.concept: {exc}")
             trained = concepts
@@ -101,8 +102,6 @@ def check(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict:
-    import dataclasses
-
     import torch
 
     from spm_train import io
@@ -283,8 +282,12 @@ def _erased_towards(concepts: dict | None) -> str:
     """What a variant's erase loss pulls its concepts towards, in a few words ("surrogates, g 4")."""
     if not concepts:
         return "–"
-    kinds = {"surrogates" if c.get("surrogate") is not None
-             else ("the empty prompt" if not c.get("neutral") else "neutral prompts") for c in concepts.values()}
+    def kind(c: dict) -> str:
+        if c.get("surrogate") is not None:
+            return "surrogates"
+        return "neutral prompts" if c.get("neutral") else "the empty prompt"
+
+    kinds = {kind(c) for c in concepts.values()}
     scales = sorted({float(c.get("guidance_scale", 1.0)) for c in concepts.values()})
     return f"{' and '.join(sorted(kinds))}, g {'/'.join(f'{g:g}' for g in scales)}"
 
@@ -302,12 +305,14 @@ def _write_report(report: dict, out: str) -> str:
              f"<= {bar['together']['max_p_after']}, <= {bar['together']['max_nontarget_drop']} pts.")
     summary_rows = []
     for name, r in report["variants"].items():
+        towards = _erased_towards(r.get("concepts"))
         for mode, s in r["summary"].items():
-            summary_rows.append([name, mode, _erased_towards(r.get("concepts")), f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
+            summary_rows.append([name, mode, towards, f"{s['max_p_after']:.2f}", f"{s['mean_p_after']:.2f}",
                                  f"{s['max_nontarget_drop']:.1f}", f"{s['mean_nontarget_drop']:.1f}",
                                  f"{s['mean_pixel_mse']:.2e}", f"{s.get('mean_rest_drop', float('nan')):.1f}"])
-    variants = [intro, Table(["variant", "equipped", "erased towards", "max P after", "mean P after", "max non-target drop",
-                              "mean non-target drop", "mean pixel MSE", "mean rest-of-prompt drop"], summary_rows)]
+    variants = [intro, Table(["variant", "equipped", "erased towards", "max P after", "mean P after",
+                              "max non-target drop", "mean non-target drop", "mean pixel MSE",
+                              "mean rest-of-prompt drop"], summary_rows)]
     if os.path.exists(os.path.join(out, "pareto.png")):
         variants.append(Figure("Pareto: mean P(target) after against mean non-target drop",
                                os.path.join(out, "pareto.png")))

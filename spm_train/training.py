@@ -280,7 +280,9 @@ class PackTrainer:
         if cfg.phrasings:
             found = [p for p in corpus.phrasings(spec.target, pool) if p.strip() != spec.target.strip()]
             if found:
-                swap = " ".join(concept_words(spec.surrogate)) if spec.surrogate is not None else spec.neutral_prompt
+                swap = spec.neutral_prompt
+                if spec.surrogate is not None:
+                    swap = " ".join(concept_words(spec.surrogate))
                 neutral = [replace_concept(p, spec.target, swap) for p in found]
                 concept.phrasing_pos = self.model.encode(found)
                 concept.phrasing_neu = self.model.encode(neutral)

@@ -150,7 +150,8 @@ def test_the_erasure_report_is_written_as_markdown_and_a_self_contained_html_pag
               "bar": {"alone": {"max_p_after": 0.05, "max_nontarget_drop": 2.0},
                       "together": {"max_p_after": 0.1, "max_nontarget_drop": 5.0}},
               "variants": {"calibrated": {"rows": [row("circle", "alone", 0.05)], "summary": summary,
-                                          "concepts": {"circle": {"surrogate": "a square", "guidance_scale": 4.0}}},
+                                          "concepts": {"circle": {"surrogate": "a square",
+                                                                  "guidance_scale": 4.0}}},
                            "paper": {"rows": [row("circle", "alone", 0.5)], "summary": summary}},
               "best": "calibrated", "best_extra": {"transport_off": {"rows": [row("circle", "alone", 0.75)]}},
               "command": "python -m pipelines.erasure_report", "pictures": {"circle": "pictures/circle.png"}}
@@ -198,7 +199,8 @@ def test_a_catalog_entry_can_set_what_every_concept_is_erased_towards(bench, tmp
 
     overrides = ["variants=[gated,no_surrogate]", "+catalog.no_surrogate.trainer.gate=token",
                  "+catalog.no_surrogate.concept={surrogate: null, guidance_scale: 16.0}",
-                 "concepts.concepts=[{name: circle, target: a circle, surrogate: a square, guidance_scale: 4.0}]"]
+                 "concepts.concepts=[{name: circle, target: a circle, surrogate: a square, "
+                 "guidance_scale: 4.0}]"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("erasure_report", overrides=overrides)
         bad = compose("erasure_report", overrides=overrides + ["+catalog.gated.concept={target: a star}"])

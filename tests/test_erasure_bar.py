@@ -15,8 +15,8 @@ from spm_train.erasure import ErasureBench, ErasureSettings
 from spm_train.toyworld import load_pipeline
 from tests.bulk.conftest import CONF
 
-CONCEPTS = [ConceptSpec(**c) for c in OmegaConf.to_container(OmegaConf.load(CONF / "concepts" / "toyworld_bar.yaml"))[
-    "concepts"] if c["name"] in ("circle", "red")]
+_SHIPPED = OmegaConf.to_container(OmegaConf.load(CONF / "concepts" / "toyworld_bar.yaml"))["concepts"]
+CONCEPTS = [ConceptSpec(**c) for c in _SHIPPED if c["name"] in ("circle", "red")]
 SETTINGS = ErasureSettings(samples=3, fills=1, steps=20, bootstrap=200)
 
 
