@@ -50,8 +50,8 @@ MARGIN_P, MARGIN_PTS, MARGIN_REST = 0.1, 3.0, 15.0
 # rest-of-prompt drop (points); erased towards the empty prompt at g = 16, the report's circle and red
 # lost 53 and 42 points of the rest
 MEASURED = {
-    ("circle", "alone"): (0.00, 0.0, 30.3), ("red", "alone"): (0.00, 0.4, 16.7),
-    ("circle", "together"): (0.00, 0.8, 50.0), ("red", "together"): (0.00, 0.8, 12.5),
+    ("circle", "alone"): (0.00, 0.0, 25.6), ("red", "alone"): (0.05, 0.0, 32.1),
+    ("circle", "together"): (0.00, 0.0, 35.9), ("red", "together"): (0.05, 0.0, 28.6),
 }
 
 

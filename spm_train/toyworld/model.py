@@ -103,6 +103,22 @@ def save_pipeline(pipe, out_dir: str | Path, half: bool = True) -> None:
         pipe.unet.to(torch.float16)
         pipe.vae.to(torch.float16)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    _name_fast_tokenizer(Path(out_dir))
+
+
+def _name_fast_tokenizer(out_dir: Path) -> None:
+    """The word-level tokenizer (``tokenizer.save_word_level``) is a plain fast tokenizer, saved by transformers
+    5 under its internal alias; name the public class, which transformers 4 and 5 both load."""
+    import json
+
+    from .tokenizer import name_fast_class
+
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if index.get("tokenizer", [None, None])[1] in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        name_fast_class(out_dir / "tokenizer" / "tokenizer_config.json")
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:

@@ -3,8 +3,16 @@
 ``build_word_tokenizer(words, out_dir)`` writes a ``vocab.json`` and ``merges.txt`` in the CLIP BPE format
 whose merges build every listed word into a single token, and loads it with
 ``CLIPTokenizer.from_pretrained(out_dir)`` (in transformers 5.x the ``vocab_file=``/``merges_file=`` keyword
-arguments silently give a 3-token vocabulary, so the folder route is the reliable one). Words outside the
-list still tokenize, character by character.
+arguments silently give a 3-token vocabulary, so the folder route is the reliable one), then saves it as a
+plain fast tokenizer (``PreTrainedTokenizerFast``) whose normalizer reads only the listed words.
+
+Words outside the list. A byte-level BPE splits an unknown word into characters, one position each: in a
+16-position text encoder that never saw those characters, "please render a dotted star in blue" leaves no
+room for "blue" (truncated) and the untrained pieces disturb every later word. A real CLIP tokenizer (49,408
+tokens, 77 positions) spends one or two positions on such a word. So, after lower-casing, the normalizer reads
+the plural of a listed word (``words``, ``crosses``) as the word and drops every other word outside the list;
+punctuation and digits pass as before. ``CLIPTokenizer`` rebuilds its own normalizer on load, so the folder
+names ``PreTrainedTokenizerFast``, which keeps the one in ``tokenizer.json``.
 
 How the merges guarantee one token per word. BPE repeatedly applies the highest-priority merge among the
 adjacent pairs of a word. For each word ``c1 c2 ... cn`` we add the left-to-right chain
@@ -82,12 +90,26 @@ def word_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
+def vocabulary_normalizer(words):
+    """The normalizer of a word-level tokenizer for ``words``: CLIP's (NFC, whitespace runs to one space, lower
+    case), then plurals of listed words (three letters or more) read as the word, then any other word of
+    letters outside the list removed."""
+    from tokenizers import Regex, normalizers
+
+    letters = sorted({w for w in words if w.isalpha()}, key=lambda w: (-len(w), w))
+    plurals = [normalizers.Replace(Regex(rf"\b{w}e?s\b"), w) for w in letters if len(w) >= 3]
+    unknown = normalizers.Replace(Regex(r"\b(?!(?:" + "|".join(letters) + r")\b)\p{L}+\b"), "")
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                 normalizers.Lowercase(), *plurals, unknown])
+
+
 def build_word_tokenizer(words, out_dir, model_max_length: int = 16):
     """Write a word-level CLIP tokenizer for ``words`` into ``out_dir`` and return it loaded from there.
 
     ``words`` are lower-case strings without spaces (punctuation such as "," can be listed too). Each becomes a
-    single token; anything else is split into characters. ``model_max_length`` is the number of positions,
-    BOS and EOS included, and must match the text encoder's ``max_position_embeddings``.
+    single token, its plural reads as it, and other words are dropped (module docstring); other characters
+    (punctuation, digits) tokenize as in CLIP. ``model_max_length`` is the number of positions, BOS and EOS
+    included, and must match the text encoder's ``max_position_embeddings``.
     """
     from transformers import CLIPTokenizer
 
@@ -116,10 +138,38 @@ def build_word_tokenizer(words, out_dir, model_max_length: int = 16):
         "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "bos_token": BOS,
         "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, "do_lower_case": True}, indent=1), encoding="utf-8")
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(out_dir))
-    _check_words(tokenizer, words)
+    clip = CLIPTokenizer.from_pretrained(str(out_dir))
+    _check_words(clip, words)
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        (out_dir / name).unlink()
+    tokenizer = save_word_level(clip, words, out_dir)
     log.debug("word tokenizer: %d words, %d tokens, %d merges -> %s", len(words), len(tokenizer), len(merges), out_dir)
     return tokenizer
+
+
+def save_word_level(clip, words, out_dir):
+    """Save the CLIP tokenizer ``clip`` (vocabulary and merges unchanged) into ``out_dir`` as a
+    ``PreTrainedTokenizerFast`` with ``vocabulary_normalizer(words)``, and return it loaded from there."""
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    backend = clip.backend_tokenizer
+    backend.normalizer = vocabulary_normalizer(words)
+    backend.decoder = decoders.Sequence([decoders.Replace(END_OF_WORD, " "), decoders.ByteLevel()])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+                            model_max_length=clip.model_max_length).save_pretrained(str(out_dir))
+    name_fast_class(out_dir / "tokenizer_config.json")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
+    _check_words(tokenizer, words)
+    return tokenizer
+
+
+def name_fast_class(config_path: Path) -> None:
+    """Name ``PreTrainedTokenizerFast`` (transformers 4 and 5) rather than whatever alias saved the folder."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def _check_words(tokenizer, words: list[str]) -> None:
