@@ -110,8 +110,11 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_rest
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCOPES = ("transformer", "attention", "cross_attention", "cross_attention_kv")
 # "none": the paper's membrane, opened per prompt; "token": a gated membrane, opened per prompt token in the
-# layers that read the prompt (cross-attention keys and values), trained and applied with the same gate
-GATES = ("none", "token")
+# layers that read the prompt (cross-attention keys and values), trained and applied with the same gate: on
+# the concept's tokens (and tokens close to them) and on the end-of-text and padding positions, which sum up
+# the prompt; "word": the same on the concept's tokens only, every other position left as the base reads it
+# (docs/erasure.md: the summary positions carry the rest of the prompt, which "token" loses)
+GATES = ("none", "token", "word")
 # "project": every anchor is a sampled embedding; "official": as the official code's anchor batch, half of
 # them (every other one) is the unconditional embedding
 ANCHOR_BATCHES = ("project", "official")

@@ -220,9 +220,11 @@ class PackTrainer:
             prompts += [spec.target, spec.positive_prompt, spec.neutral_prompt]
         embeds = self.model.encode(prompts + [""])
         self.uncond = embeds.index(slice(len(prompts), len(prompts) + 1))
-        if cfg.gate == "token":
-            # the unconditional half of a trajectory's CFG batch follows the target: open on its tail
-            self.uncond = self.uncond.with_gate(self.model.tail_mask("").float().unsqueeze(0))
+        if cfg.gate != "none":
+            # the unconditional half of a trajectory's CFG batch follows the target: open on its tail ("token"),
+            # closed ("word": the empty prompt holds no concept token)
+            tail = self.model.tail_mask("").float().unsqueeze(0)
+            self.uncond = self.uncond.with_gate(tail if cfg.gate == "token" else torch.zeros_like(tail))
         corpus = self.corpus = self._corpus()
         self.concepts = []
         for i, (spec, seed) in enumerate(zip(self.specs, self.seeds)):
@@ -238,7 +240,7 @@ class PackTrainer:
             )
             if corpus is not None:
                 self._setup_corpus_prompts(concept, corpus, anchoring)
-            if cfg.gate == "token":
+            if cfg.gate != "none":
                 self._setup_gates(concept)
             concept.num_anchors = concept.num_random + (cfg.prompt_anchors if concept.anchor_pool is not None else 0)
             self.concepts.append(concept)
@@ -255,7 +257,7 @@ class PackTrainer:
 
         def gated(embeds: PromptEmbeds, prompts: list[str]) -> PromptEmbeds:
             return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration,
-                                                 concept.gate_reference))
+                                                 concept.gate_reference, open_tail=self.cfg.gate == "token"))
 
         concept.target = gated(concept.target, [spec.target])
         if concept.phrasing_pos is not None:
@@ -594,8 +596,8 @@ class PackTrainer:
             calibration = calibrate_transport(self.model.pipe, [spec.target], self.corpus)
         if calibration is not None:
             extra[TRANSPORT_KEY] = calibration.to_header()
-        if self.cfg.gate == "token":
-            extra[GATE_KEY] = "token"
+        if self.cfg.gate != "none":
+            extra[GATE_KEY] = self.cfg.gate
         return self.bank.export(
             index, name=spec.name, concepts=(spec.target,), family=self.model.family, layout=self.layout,
             base_fingerprint=self.fingerprint, trainer=trainer, extra=extra,

@@ -21,11 +21,12 @@ Similarities (``similarity=``):
 
 Function words (``spm_train.prompts.FUNCTION_WORDS``) never open a membrane outside ``"paper"``.
 
-Gated membranes (header ``gate: token``, trained with ``TrainerConfig.gate="token"``) open per token in the
-layers that read the prompt, the keys and values of cross-attention (``token_gate``): a content token as
-far as it is close to the concept, the end-of-text and padding positions (where the text encoder sums up
-the whole prompt) as far as the prompt is, every other position not at all. The other words of a prompt
-that names the concept keep their keys and values, and so do prompts that open several membranes.
+Gated membranes (header ``gate: token`` or ``gate: word``, trained with the same ``TrainerConfig.gate``)
+open per token in the layers that read the prompt, the keys and values of cross-attention (``token_gate``):
+a content token as far as it is close to the concept, every other position not at all, except that
+``"token"`` also opens the end-of-text and padding positions (where the text encoder sums up the whole
+prompt) as far as the prompt is. The other words of a prompt that names the concept keep their keys and
+values (with ``"word"`` the summary positions too), and so do prompts that open several membranes.
 ``scaling="official"`` reproduces the official inference code, which multiplies both membrane factors
 by gamma (an effect of gamma squared); ``"linear"`` (default) is the paper's formula.
 """
@@ -65,7 +66,8 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 SIMILARITIES = ("paper", "content", "token")
 SCALINGS = ("linear", "official")
 TRANSPORT_KEY = "transport"  # header key of a membrane's calibrated transport
-GATE_KEY = "gate"  # header key: "token" for a membrane that opens per token
+GATE_KEY = "gate"  # header key: "token" or "word" for a membrane that opens per token
+GATED = ("token", "word")
 
 
 @dataclass(frozen=True)
@@ -154,12 +156,12 @@ def concept_reference(model: ModelAdapter, concept: str) -> tuple:
 
 
 def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: torch.Tensor, concept: str,
-                 calibration: Calibration, reference: tuple | None = None) -> torch.Tensor:
+                 calibration: Calibration, reference: tuple | None = None, open_tail: bool = True) -> torch.Tensor:
     """``[N, T]`` token gate of one concept's membrane for prompts encoded as ``hidden`` (training).
 
     ``prompts=None`` for embeddings that are no prompt (sampled anchors): every position counts as a
     content token and none as the tail. ``reference``: ``concept_reference(model, concept)``, when the
-    caller keeps it."""
+    caller keeps it. ``open_tail=False`` (``gate="word"``) keeps the end-of-text and padding positions closed."""
     c_embeds, c_masks, c_ids = reference if reference is not None else concept_reference(model, concept)
     ids = None
     if prompts is None:
@@ -174,6 +176,8 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
         overlap = torch.tensor([[token_overlap(model.token_ids(p), c_ids[0])] for p in prompts])
         gamma = torch.maximum(calibrated(raw, torch.tensor([calibration.zero]), torch.tensor([calibration.one])),
                               overlap)
+        if not open_tail:
+            gamma = torch.zeros_like(gamma)
     gate = token_gate(hidden, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids)
     return gate[..., 0].to(hidden.device)
 
@@ -298,7 +302,9 @@ class MembraneHandle:
         self.concept_prompts = prompts
         self.concept_owner = owners
         self.calibration = calibration
-        self.gated = torch.tensor([m.extra.get(GATE_KEY) == "token" for m in self.membranes])
+        self.gated = torch.tensor([m.extra.get(GATE_KEY) in GATED for m in self.membranes])
+        # a "word" membrane keeps the summary positions closed
+        self.tail_open = torch.tensor([float(m.extra.get(GATE_KEY) != "word") for m in self.membranes])
         self.concept_embeds = self.model.encode(prompts).hidden.float()
         self.concept_ids = [self.model.token_ids(p, self.content_only) for p in prompts]
         self.concept_masks = [self.model.content_mask(p, self.content_only) for p in prompts]
@@ -415,8 +421,9 @@ class MembraneHandle:
         gated = torch.zeros(len(rows), hidden.shape[1], len(self.membranes), device=gamma.device)
         gated = gated.scatter_reduce(2, owner.expand(*per_concept.shape[:2], -1), per_concept, reduce="amax",
                                      include_self=False)
-        # the tail positions follow the prompt's own (final) permeability
-        gated = torch.where(tail.to(gamma.device).unsqueeze(-1), gamma[rows].unsqueeze(1), gated)
+        # the tail positions follow the prompt's own (final) permeability, or stay closed ("word")
+        tail_gamma = gamma[rows] * self.tail_open.to(gamma.device)
+        gated = torch.where(tail.to(gamma.device).unsqueeze(-1), tail_gamma.unsqueeze(1), gated)
         use = self.gated.to(gamma.device)
         tokens[rows] = torch.where(use, gated, tokens[rows])
         return tokens

@@ -121,6 +121,11 @@ def test_training_gates_open_the_concept_token_after_any_context_and_close_unrel
         assert gate[row, red] == 1 and bool((gate[row, eos:] == 1).all())
         assert gate[row, :red].sum() == 0 and gate[row, red + 1:eos].sum() == 0
     assert gate[3].sum() == 0
+    # gate="word": the same concept tokens, the summary positions closed
+    word = prompt_gates(model, prompts, hidden, "red", Calibration(zero=0.98, one=0.99),
+                        open_tail=False)
+    torch.testing.assert_close(word, gate * ~torch.stack([model.tail_mask(p) for p in prompts]))
+    assert word[:3].sum() == 3
     sampled = prompt_gates(model, None, torch.randn_like(hidden[:2]) * hidden[:2].norm(dim=-1, keepdim=True),
                            "red", Calibration(zero=0.98, one=0.99))
     assert sampled.shape == hidden[:2].shape[:2] and sampled.max() == 0  # random anchors sit far from "red"
@@ -139,6 +144,7 @@ def test_gate_is_a_checked_trainer_option_and_keeps_old_keys():
     assert TrainerConfig().fingerprint() == TrainerConfig(gate="none").fingerprint()
     assert TrainerConfig().fingerprint() != TrainerConfig(gate="token").fingerprint()
     assert "gate" not in TrainerConfig().to_dict() or TrainerConfig().gate == "none"
+    assert TrainerConfig(gate="word").fingerprint() != TrainerConfig(gate="token").fingerprint()
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +154,18 @@ def toyworld():
     return load_pipeline("base")
 
 
-@pytest.fixture(scope="module")
-def gated_red(toyworld):
+def _train_red(pipe, gate):
     from spm_train.training import train_membranes
 
     spec = ConceptSpec(name="red", target="red", guidance_scale=16.0)
-    trainer = TrainerConfig.preset("toyworld", scope="cross_attention_kv", gate="token", iterations=6,
+    trainer = TrainerConfig.preset("toyworld", scope="cross_attention_kv", gate=gate, iterations=6,
                                    phrasings=1, prompt_anchors=2, checkpoint_every=0)
-    return train_membranes(toyworld, [spec], trainer, progress=False).membranes[0]
+    return train_membranes(pipe, [spec], trainer, progress=False).membranes[0]
+
+
+@pytest.fixture(scope="module")
+def gated_red(toyworld):
+    return _train_red(toyworld, "token")
 
 
 def _kv_outputs(pipe, prompts, membranes=None):
@@ -191,3 +201,22 @@ def test_a_gated_membrane_changes_only_the_concept_token_and_the_tail(toyworld, 
     assert min(c[0, eos:].min() for c in changed) > 1e-5  # the tail follows the prompt, which names red
     assert all(c[0, square] == 0 and c[0, 0] == 0 and c[0, 1] == 0 for c in changed)  # square, start, "a"
     assert all(c[1].max() == 0 for c in changed)  # a prompt far from red: every key and value as the base's
+
+
+def test_a_word_gated_membrane_changes_only_the_concept_token(toyworld):
+    """gate="word" trains and applies the membrane on the concept's tokens alone: the end-of-text and padding
+    positions, where the text encoder sums up the whole prompt, keep the base's keys and values."""
+    word_red = _train_red(toyworld, "word")
+    assert word_red.extra[GATE_KEY] == "word"
+    prompts = ["a red square", "a green circle"]
+    base = _kv_outputs(toyworld, prompts)
+    gated = _kv_outputs(toyworld, prompts, [word_red])
+    tok = toyworld.tokenizer
+    ids = tok(prompts[0], padding="max_length", max_length=tok.model_max_length).input_ids
+    red, eos = ids.index(tok.convert_tokens_to_ids("red</w>")), ids.index(tok.eos_token_id)
+    changed = [(g - b).abs().amax(dim=-1) for g, b in zip(gated, base)]
+    assert min(c[0, red] for c in changed) > 1e-5
+    opened = torch.zeros(tok.model_max_length, dtype=torch.bool)
+    opened[red] = True
+    assert all(c[0, ~opened].max() == 0 for c in changed)  # every other position, the tail included
+    assert all(c[1].max() == 0 for c in changed)
