@@ -96,6 +96,10 @@ def check(cfg: DictConfig):
                 problems.append(f"bench.{key} must be an integer >= 1, got {value!r}")
         if not 0 < settings.draw_threshold <= 1:
             problems.append(f"bench.draw_threshold must be in (0, 1], got {settings.draw_threshold}")
+        if settings.forms is not None:
+            from spm_train.toyworld.eval_prompts import form_problems
+
+            problems += [f"bench.forms: {p}" for p in form_problems(settings.forms)]
     if problems:
         raise ConfigError("erasure report", problems)
     return concepts, variants, settings
@@ -298,7 +302,10 @@ def _write_report(report: dict, out: str) -> str:
     from spm_train.report import Figure, Table, write_report
 
     bar = report["bar"]
-    intro = (f"Command: {report['command']}. Held-out evaluation templates (spm_train/toyworld/eval_prompts.py), "
+    forms = report["settings"].get("forms")
+    where = (f"{len(forms)} sentence forms given in bench.forms" if forms
+             else "held-out evaluation templates (spm_train/toyworld/eval_prompts.py)")
+    intro = (f"Command: {report['command']}. Prompts: {where}, "
              f"drawable prompts only (base draws the target in >= {report['settings']['draw_threshold']:.0%} of "
              f"{report['settings']['samples']} samples). Bar: alone P after <= {bar['alone']['max_p_after']}, "
              f"non-target drop <= {bar['alone']['max_nontarget_drop']} pts; together "

@@ -43,6 +43,8 @@ class ErasureSettings:
     samples: int = 4  # images per prompt
     fills: int = 2  # prompts per template and concept
     templates: int | None = None  # how many evaluation templates (None: all)
+    # sentence forms to evaluate on instead of eval_prompts.EVAL_TEMPLATES ("{colour} {shape} drawn {style}")
+    forms: list[str] | None = None
     steps: int = 20
     guidance_scale: float = 3.0
     seed: int = 0
@@ -124,7 +126,7 @@ class ErasureBench:
             self.words[c.name] = names[0]
         s = self.settings
         targets, others = erasure_prompts(list(self.words.values()), fills=s.fills, seed=s.seed,
-                                          templates=s.templates)
+                                          templates=s.templates, forms=s.forms)
         self.targets = {name: targets[w] for name, w in self.words.items()}
         self.others = others
         prompts: dict[str, EvalPrompt] = {}
@@ -138,7 +140,7 @@ class ErasureBench:
     def with_settings(self, settings: ErasureSettings) -> "ErasureBench":
         """The same prompts and base generations under other transport settings (similarity, scaling,
         transport on or off); the settings that shape the base generations must be equal."""
-        fixed = ("samples", "fills", "templates", "steps", "guidance_scale", "seed")
+        fixed = ("samples", "fills", "templates", "forms", "steps", "guidance_scale", "seed")
         differ = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
         if differ:
             raise ValueError(f"with_settings keeps the base generations: {', '.join(differ)} cannot change")

@@ -221,8 +221,8 @@ class PackTrainer:
         embeds = self.model.encode(prompts + [""])
         self.uncond = embeds.index(slice(len(prompts), len(prompts) + 1))
         if cfg.gate != "none":
-            # the unconditional half of a trajectory's CFG batch follows the target: open on its tail ("token"),
-            # closed ("word": the empty prompt holds no concept token)
+            # the unconditional half of a trajectory's CFG batch follows the target: open on its tail
+            # ("token"), closed ("word": the empty prompt holds no concept token)
             tail = self.model.tail_mask("").float().unsqueeze(0)
             self.uncond = self.uncond.with_gate(tail if cfg.gate == "token" else torch.zeros_like(tail))
         corpus = self.corpus = self._corpus()

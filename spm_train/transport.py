@@ -156,12 +156,14 @@ def concept_reference(model: ModelAdapter, concept: str) -> tuple:
 
 
 def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: torch.Tensor, concept: str,
-                 calibration: Calibration, reference: tuple | None = None, open_tail: bool = True) -> torch.Tensor:
+                 calibration: Calibration, reference: tuple | None = None,
+                 open_tail: bool = True) -> torch.Tensor:
     """``[N, T]`` token gate of one concept's membrane for prompts encoded as ``hidden`` (training).
 
     ``prompts=None`` for embeddings that are no prompt (sampled anchors): every position counts as a
     content token and none as the tail. ``reference``: ``concept_reference(model, concept)``, when the
-    caller keeps it. ``open_tail=False`` (``gate="word"``) keeps the end-of-text and padding positions closed."""
+    caller keeps it. ``open_tail=False`` (``gate="word"``) keeps the end-of-text and padding positions
+    closed."""
     c_embeds, c_masks, c_ids = reference if reference is not None else concept_reference(model, concept)
     ids = None
     if prompts is None:

@@ -9,7 +9,7 @@ import torch
 from spm_train import ConceptSpec, MembraneBank
 from spm_train.erasure import ErasureBench, ErasureSettings, bootstrap_mean, summarise
 from spm_train.prompts import PromptCorpus
-from spm_train.toyworld.eval_prompts import EVAL_TEMPLATES, erasure_prompts
+from spm_train.toyworld.eval_prompts import EVAL_TEMPLATES, erasure_prompts, form_problems
 from spm_train.transport import TRANSPORT_KEY, Calibration
 
 CIRCLE = ConceptSpec("circle", "a circle", guidance_scale=16.0)
@@ -27,6 +27,41 @@ def test_evaluation_prompts_are_held_out_from_the_training_corpus():
     assert not any({"circle", "red", "striped"} & {v for _, v in p.attributes} for p in others)
     with pytest.raises(ValueError, match="every style is erased"):
         erasure_prompts(["solid", "outline", "striped", "dotted"])
+
+
+def test_other_sentence_forms_are_checked_and_used():
+    forms = ["please draw a {colour} {shape} that is {style}", "{style}, {colour}, {shape} on {background}"]
+    targets, others = erasure_prompts(["circle", "red"], fills=2, seed=0, forms=forms)
+    assert len(targets["red"]) == len(others) == 4
+    assert targets["red"][0].text.startswith("please draw a red ") and targets["red"][0].template == 0
+    assert all(p.text.count(",") == 2 and " on " in p.text for p in others[2:])
+    assert form_problems(forms) == []
+    problems = form_problems(["a {colour} {shape}", "a {shape} {shape} {colour} {style}",
+                              "{colour} {size} {shape} {style}", "{style} {colour} {shape}", 3])
+    assert len(problems) == 5
+    assert "missing or repeated ['style']" in problems[0] and "missing or repeated ['shape']" in problems[1]
+    assert "unknown ['size']" in problems[2] and "training caption form" in problems[3]
+    assert "not a string" in problems[4]
+    assert form_problems("a {colour} {shape} {style}") == ["forms must be a non-empty list of sentence forms"]
+    with pytest.raises(ValueError, match="training caption form"):
+        erasure_prompts(["red"], forms=["{colour} {shape}, {style}"])
+
+
+def test_the_report_takes_other_forms_and_rejects_bad_ones_before_training():
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.erasure_report  # noqa: F401
+    from pipelines.erasure_report import check
+    from spm_train.errors import ConfigError
+    from tests.bulk.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("erasure_report", overrides=["+forms=unseen", "variants=[gated]"])
+        bad = compose("erasure_report", overrides=["bench.forms=['a {colour} {shape}']", "variants=[gated]"])
+    _, _, settings = check(cfg)
+    assert len(settings.forms) >= 12 and not set(settings.forms) & set(EVAL_TEMPLATES)
+    with pytest.raises(ConfigError, match=r"bench.forms: form 'a \{colour\} \{shape\}' must name"):
+        check(bad)
 
 
 def test_bootstrap_intervals_are_over_prompts():

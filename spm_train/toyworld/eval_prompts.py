@@ -35,11 +35,42 @@ EVAL_TEMPLATES = (
 HEADS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 
 
-def _check_disjoint() -> None:
+FIELDS = ("shape", "colour", "style")  # every form names all three; "{background}" is optional
+
+
+def form_problems(forms) -> list[str]:
+    """Why ``forms`` (sentence forms to evaluate on, like ``EVAL_TEMPLATES``) cannot be used: each must be a
+    string naming ``{shape}``, ``{colour}`` and ``{style}`` once (``{background}`` optionally) and may not be
+    a form the base's captions or the training corpus use."""
+    import string
+
+    if isinstance(forms, str) or not list(forms):
+        return ["forms must be a non-empty list of sentence forms"]
     seen = {t for t, _ in CAPTION_TEMPLATES}
-    overlap = [t for t in EVAL_TEMPLATES if t in seen or t.removeprefix("a ") in seen]
-    if overlap:
-        raise AssertionError(f"evaluation templates also used for training: {overlap}")
+    problems = []
+    for form in forms:
+        if not isinstance(form, str):
+            problems.append(f"form {form!r} is not a string")
+            continue
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(form) if f is not None]
+        except ValueError as exc:
+            problems.append(f"form {form!r}: {exc}")
+            continue
+        missing = [f for f in FIELDS if fields.count(f) != 1]
+        unknown = sorted(set(fields) - set(FIELDS) - {"background"})
+        if missing or unknown:
+            problems.append(f"form {form!r} must name {{shape}}, {{colour}} and {{style}} once each "
+                            f"({{background}} optional); missing or repeated {missing}, unknown {unknown}")
+        elif form in seen or form.removeprefix("a ") in seen:
+            problems.append(f"form {form!r} is a training caption form: it measures nothing held out")
+    return problems
+
+
+def _check_disjoint() -> None:
+    problems = form_problems(EVAL_TEMPLATES)
+    if problems:
+        raise AssertionError(f"evaluation templates: {problems}")
 
 
 _check_disjoint()
@@ -63,17 +94,24 @@ def concept_head(word: str) -> str:
     raise ValueError(f"{word!r} is not a ToyWorld shape, colour or style")
 
 
-def fill(template: int, rng: np.random.Generator, allowed: dict[str, list[str]], **fixed) -> EvalPrompt:
+def fill(template: int, rng: np.random.Generator, allowed: dict[str, list[str]], forms=EVAL_TEMPLATES,
+         **fixed) -> EvalPrompt:
     attrs = {head: fixed.get(head) or str(rng.choice(allowed[head])) for head in HEADS}
-    text = EVAL_TEMPLATES[template].format(background=str(rng.choice(BACKGROUNDS)), **attrs)
+    text = forms[template].format(background=str(rng.choice(BACKGROUNDS)), **attrs)
     return EvalPrompt(text, template, tuple(attrs.items()))
 
 
 def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
-                    templates: int | None = None) -> tuple[dict[str, list[EvalPrompt]], list[EvalPrompt]]:
+                    templates: int | None = None,
+                    forms=None) -> tuple[dict[str, list[EvalPrompt]], list[EvalPrompt]]:
     """Target prompts of every concept word (each template filled ``fills`` times with the concept fixed
     and the other attributes drawn from all values) and non-target prompts (attributes drawn from the
-    values no concept erases). Deterministic in ``seed``."""
+    values no concept erases). Deterministic in ``seed``. ``forms``: sentence forms to use instead of
+    ``EVAL_TEMPLATES`` (``form_problems`` says which are usable); ``templates``: only the first ones."""
+    forms = tuple(EVAL_TEMPLATES if forms is None else forms)
+    problems = form_problems(forms)
+    if problems:
+        raise ValueError("; ".join(problems))
     rng = np.random.default_rng(seed)
     erased = {head: {w for w in concept_words if concept_head(w) == head} for head in HEADS}
     everything = {head: list(values) for head, values in HEADS.items()}
@@ -81,8 +119,8 @@ def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
     empty = [head for head, values in kept.items() if not values]
     if empty:
         raise ValueError(f"every {', '.join(empty)} is erased: no non-target prompt can be formed")
-    count = len(EVAL_TEMPLATES) if templates is None else templates
-    targets = {w: [fill(t, rng, everything, **{concept_head(w): w}) for t in range(count) for _ in range(fills)]
-               for w in concept_words}
-    others = [fill(t, rng, kept) for t in range(count) for _ in range(fills)]
+    count = len(forms) if templates is None else min(templates, len(forms))
+    targets = {w: [fill(t, rng, everything, forms, **{concept_head(w): w}) for t in range(count)
+                   for _ in range(fills)] for w in concept_words}
+    others = [fill(t, rng, kept, forms) for t in range(count) for _ in range(fills)]
     return targets, others

@@ -107,8 +107,8 @@ def save_pipeline(pipe, out_dir: str | Path, half: bool = True) -> None:
 
 
 def _name_fast_tokenizer(out_dir: Path) -> None:
-    """The word-level tokenizer (``tokenizer.save_word_level``) is a plain fast tokenizer, saved by transformers
-    5 under its internal alias; name the public class, which transformers 4 and 5 both load."""
+    """The word-level tokenizer (``tokenizer.save_word_level``) is a plain fast tokenizer, which
+    transformers 5 saves under an internal alias; name the public class, which transformers 4 and 5 load."""
     import json
 
     from .tokenizer import name_fast_class

@@ -91,8 +91,8 @@ def word_merges(words: list[str]) -> list[tuple[str, str]]:
 
 
 def vocabulary_normalizer(words):
-    """The normalizer of a word-level tokenizer for ``words``: CLIP's (NFC, whitespace runs to one space, lower
-    case), then plurals of listed words (three letters or more) read as the word, then any other word of
+    """The normalizer of a word-level tokenizer for ``words``: CLIP's (NFC, whitespace runs to one space,
+    lower case), then plurals of listed words (three letters or more) read as the word, then any other word of
     letters outside the list removed."""
     from tokenizers import Regex, normalizers
 
@@ -157,8 +157,9 @@ def save_word_level(clip, words, out_dir):
     backend = clip.backend_tokenizer
     backend.normalizer = vocabulary_normalizer(words)
     backend.decoder = decoders.Sequence([decoders.Replace(END_OF_WORD, " "), decoders.ByteLevel()])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
-                            model_max_length=clip.model_max_length).save_pretrained(str(out_dir))
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=EOS,
+                                   pad_token=EOS, model_max_length=clip.model_max_length)
+    fast.save_pretrained(str(out_dir))
     name_fast_class(out_dir / "tokenizer_config.json")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
     _check_words(tokenizer, words)
