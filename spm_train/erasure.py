@@ -21,6 +21,7 @@ taken from the base generations instead of being rendered again.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -324,16 +325,30 @@ def _mean(values: torch.Tensor) -> float:
 
 
 def summarise(rows: Sequence[ErasureRow]) -> dict[str, dict[str, float]]:
-    """Worst and mean figures per equipping mode: what a bar is checked against."""
+    """Worst and mean figures per equipping mode: what a bar is checked against. A concept the model never
+    draws on these prompts (no drawable prompt: P after undefined) is left out of the figures it has no
+    value for; ``measured`` counts the concepts with drawable prompts."""
+    def defined(values):
+        return [v for v in values if not math.isnan(v)]
+
+    def worst(values):
+        values = defined(values)
+        return max(values) if values else float("nan")
+
+    def mean(values):
+        values = defined(values)
+        return sum(values) / len(values) if values else float("nan")
+
     out = {}
     for mode in sorted({r.equipped for r in rows}):
         sel = [r for r in rows if r.equipped == mode]
         out[mode] = {
-            "max_p_after": max(r.p_after for r in sel),
-            "mean_p_after": sum(r.p_after for r in sel) / len(sel),
-            "max_nontarget_drop": max(r.nontarget_drop for r in sel),
-            "mean_nontarget_drop": sum(r.nontarget_drop for r in sel) / len(sel),
-            "mean_pixel_mse": sum(r.pixel_mse for r in sel) / len(sel),
-            "mean_rest_drop": sum(r.rest_drop for r in sel) / len(sel),
+            "max_p_after": worst(r.p_after for r in sel),
+            "mean_p_after": mean(r.p_after for r in sel),
+            "max_nontarget_drop": worst(r.nontarget_drop for r in sel),
+            "mean_nontarget_drop": mean(r.nontarget_drop for r in sel),
+            "mean_pixel_mse": mean(r.pixel_mse for r in sel),
+            "mean_rest_drop": mean(r.rest_drop for r in sel),
+            "measured": sum(r.drawable > 0 for r in sel),
         }
     return out

@@ -64,6 +64,23 @@ def test_the_report_takes_other_forms_and_rejects_bad_ones_before_training():
         check(bad)
 
 
+def test_a_concept_without_drawable_prompts_is_left_out_of_the_summary():
+    """On a model that never draws a concept on these prompts (the variant's stripes on some forms), its P
+    after is undefined; the worst and mean figures come from the other concepts, in any row order."""
+    from spm_train.erasure import ErasureRow
+
+    def row(concept, drawable, p_after, drop):
+        nan = float("nan")
+        return ErasureRow(concept, "alone", drawable, nan if not drawable else 0.9, p_after, (nan, nan), nan,
+                          90.0, 90.0 - drop, drop, (drop, drop), 0.0, nan if not drawable else 10.0, 1.0, 0.0)
+
+    rows = [row("striped", 0, float("nan"), 0.5), row("cross", 11, 0.03, 0.0), row("red", 12, 0.01, -0.2)]
+    for order in (rows, rows[::-1]):
+        got = summarise(order)["alone"]
+        assert got["max_p_after"] == 0.03 and got["mean_p_after"] == pytest.approx(0.02)
+        assert got["max_nontarget_drop"] == 0.5 and got["mean_rest_drop"] == 10.0 and got["measured"] == 2
+
+
 def test_bootstrap_intervals_are_over_prompts():
     assert bootstrap_mean(torch.full((10,), 0.25), 200) == (0.25, 0.25)
     lo, hi = bootstrap_mean(torch.tensor([0.0] * 10 + [1.0] * 10), 2000)
