@@ -328,16 +328,12 @@ def summarise(rows: Sequence[ErasureRow]) -> dict[str, dict[str, float]]:
     """Worst and mean figures per equipping mode: what a bar is checked against. A concept the model never
     draws on these prompts (no drawable prompt: P after undefined) is left out of the figures it has no
     value for; ``measured`` counts the concepts with drawable prompts."""
-    def defined(values):
-        return [v for v in values if not math.isnan(v)]
-
     def worst(values):
-        values = defined(values)
+        values = [v for v in values if not math.isnan(v)]
         return max(values) if values else float("nan")
 
     def mean(values):
-        values = defined(values)
-        return sum(values) / len(values) if values else float("nan")
+        return _mean(torch.tensor(list(values), dtype=torch.float64))
 
     out = {}
     for mode in sorted({r.equipped for r in rows}):

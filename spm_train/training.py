@@ -223,8 +223,10 @@ class PackTrainer:
         if cfg.gate != "none":
             # the unconditional half of a trajectory's CFG batch follows the target: open on its tail
             # ("token"), closed ("word": the empty prompt holds no concept token)
+            from .transport import opens_tail
+
             tail = self.model.tail_mask("").float().unsqueeze(0)
-            self.uncond = self.uncond.with_gate(tail if cfg.gate == "token" else torch.zeros_like(tail))
+            self.uncond = self.uncond.with_gate(tail if opens_tail(cfg.gate) else torch.zeros_like(tail))
         corpus = self.corpus = self._corpus()
         self.concepts = []
         for i, (spec, seed) in enumerate(zip(self.specs, self.seeds)):
@@ -248,7 +250,7 @@ class PackTrainer:
     def _setup_gates(self, concept: _Concept) -> None:
         """Token gates of a gated membrane's prompts, as ``apply_membranes`` will open it: the target and
         its phrasings on the concept's tokens and tail, real prompt anchors as far as they are close."""
-        from .transport import Calibration, calibrate_transport, concept_reference, prompt_gates
+        from .transport import Calibration, calibrate_transport, concept_reference, opens_tail, prompt_gates
 
         spec = concept.spec
         concept.calibration = (calibrate_transport(self.model.pipe, [spec.target], self.corpus)
@@ -257,7 +259,7 @@ class PackTrainer:
 
         def gated(embeds: PromptEmbeds, prompts: list[str]) -> PromptEmbeds:
             return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration,
-                                                 concept.gate_reference, open_tail=self.cfg.gate == "token"))
+                                                 concept.gate_reference, open_tail=opens_tail(self.cfg.gate)))
 
         concept.target = gated(concept.target, [spec.target])
         if concept.phrasing_pos is not None:

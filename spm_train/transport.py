@@ -70,6 +70,11 @@ GATE_KEY = "gate"  # header key: "token" or "word" for a membrane that opens per
 GATED = ("token", "word")
 
 
+def opens_tail(gate: str | None) -> bool:
+    """Whether a gated membrane of kind ``gate`` opens the end-of-text and padding positions ("token")."""
+    return gate == "token"
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Zero and one points of a membrane's ``"token"`` similarity: scores at or below ``zero`` keep the
@@ -174,12 +179,13 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
         masks = [model.content_mask(p) for p in prompts]
         content, tail = torch.stack(masks), torch.stack([model.tail_mask(p) for p in prompts])
         ids = torch.stack([model.padded_ids(p) for p in prompts])
-        raw = token_similarity(hidden, masks, c_embeds, c_masks)
-        overlap = torch.tensor([[token_overlap(model.token_ids(p), c_ids[0])] for p in prompts])
-        gamma = torch.maximum(calibrated(raw, torch.tensor([calibration.zero]), torch.tensor([calibration.one])),
-                              overlap)
-        if not open_tail:
-            gamma = torch.zeros_like(gamma)
+        if open_tail:  # the tail opens as far as the whole prompt does
+            raw = token_similarity(hidden, masks, c_embeds, c_masks)
+            overlap = torch.tensor([[token_overlap(model.token_ids(p), c_ids[0])] for p in prompts])
+            gamma = torch.maximum(calibrated(raw, torch.tensor([calibration.zero]),
+                                             torch.tensor([calibration.one])), overlap)
+        else:
+            gamma = torch.zeros(len(prompts), 1)
     gate = token_gate(hidden, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids)
     return gate[..., 0].to(hidden.device)
 
@@ -305,8 +311,8 @@ class MembraneHandle:
         self.concept_owner = owners
         self.calibration = calibration
         self.gated = torch.tensor([m.extra.get(GATE_KEY) in GATED for m in self.membranes])
-        # a "word" membrane keeps the summary positions closed
-        self.tail_open = torch.tensor([float(m.extra.get(GATE_KEY) != "word") for m in self.membranes])
+        # a "word" membrane keeps the summary positions closed (read for gated membranes only)
+        self.tail_open = torch.tensor([float(opens_tail(m.extra.get(GATE_KEY))) for m in self.membranes])
         self.concept_embeds = self.model.encode(prompts).hidden.float()
         self.concept_ids = [self.model.token_ids(p, self.content_only) for p in prompts]
         self.concept_masks = [self.model.content_mask(p, self.content_only) for p in prompts]
