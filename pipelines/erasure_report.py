@@ -96,6 +96,14 @@ def check(cfg: DictConfig):
                 problems.append(f"bench.{key} must be an integer >= 1, got {value!r}")
         if not 0 < settings.draw_threshold <= 1:
             problems.append(f"bench.draw_threshold must be in (0, 1], got {settings.draw_threshold}")
+        if not isinstance(settings.synonyms, (int, float)) or not 0 <= settings.synonyms <= 1:
+            problems.append(f"bench.synonyms is a share in [0, 1], got {settings.synonyms!r}")
+        elif settings.synonyms > 0:
+            from spm_train.toyworld.render import WORLD
+
+            if not WORLD.synonyms:
+                problems.append(f"bench.synonyms={settings.synonyms}: ToyWorld {WORLD.name!r} has no synonyms "
+                                "(SPM_TOYWORLD=wide has)")
         if settings.forms is not None:
             from spm_train.toyworld.eval_prompts import form_problems
 

@@ -46,6 +46,8 @@ class ErasureSettings:
     templates: int | None = None  # how many evaluation templates (None: all)
     # sentence forms to evaluate on instead of eval_prompts.EVAL_TEMPLATES ("{colour} {shape} drawn {style}")
     forms: list[str] | None = None
+    # share of the values named by a synonym of the active ToyWorld ("crimson" for red): paraphrase erasure
+    synonyms: float = 0.0
     steps: int = 20
     guidance_scale: float = 3.0
     seed: int = 0
@@ -127,7 +129,7 @@ class ErasureBench:
             self.words[c.name] = names[0]
         s = self.settings
         targets, others = erasure_prompts(list(self.words.values()), fills=s.fills, seed=s.seed,
-                                          templates=s.templates, forms=s.forms)
+                                          templates=s.templates, forms=s.forms, synonyms=s.synonyms)
         self.targets = {name: targets[w] for name, w in self.words.items()}
         self.others = others
         prompts: dict[str, EvalPrompt] = {}
@@ -141,7 +143,7 @@ class ErasureBench:
     def with_settings(self, settings: ErasureSettings) -> "ErasureBench":
         """The same prompts and base generations under other transport settings (similarity, scaling,
         transport on or off); the settings that shape the base generations must be equal."""
-        fixed = ("samples", "fills", "templates", "forms", "steps", "guidance_scale", "seed")
+        fixed = ("samples", "fills", "templates", "forms", "synonyms", "steps", "guidance_scale", "seed")
         differ = [k for k in fixed if getattr(settings, k) != getattr(self.settings, k)]
         if differ:
             raise ValueError(f"with_settings keeps the base generations: {', '.join(differ)} cannot change")

@@ -106,23 +106,29 @@ def function_token_ids(tokenizer) -> set[int]:
 
 @dataclass(frozen=True)
 class PromptCorpus:
-    """Captions to draw phrasings and anchors from."""
+    """Captions to draw phrasings and anchors from.
+
+    ``synonyms``: (word, other word) pairs the captions use for the same thing ("red", "crimson"). A
+    caption that names a concept by a synonym is one of its phrasings and never an anchor: "a crimson
+    square" is not a prompt the membrane of red should leave as it is.
+    """
 
     captions: tuple[str, ...]
     source: str = ""
+    synonyms: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(cls, source: str, *, size: int = 2000, seed: int = 0) -> "PromptCorpus":
-        """``"toyworld"``: ``size`` captions of random ToyWorld scenes (the build's caption templates);
-        otherwise a text file with one caption per line (blank lines and ``#`` comments skipped)."""
+        """``"toyworld"``: ``size`` captions of random scenes of the active ToyWorld (its caption forms and
+        synonyms); otherwise a text file with one caption per line (blank lines and ``#`` comments skipped)."""
         if source == "toyworld":
             import numpy as np
 
-            from .toyworld.render import caption, random_scene
+            from .toyworld.render import WORLD, caption, random_scene
 
             rng = np.random.default_rng(seed)
             captions = tuple(caption(random_scene(rng), rng) for _ in range(size))
-            return cls(captions, source)
+            return cls(captions, source, WORLD.synonyms)
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"prompt corpus {source!r} is neither 'toyworld' nor a readable file")
@@ -132,13 +138,35 @@ class PromptCorpus:
             raise ValueError(f"prompt corpus {source!r} holds no captions")
         return cls(captions, str(path))
 
+    def names(self, concept: str) -> list[str]:
+        """``concept`` and every way of saying it with synonyms of its words ("red circle", "crimson
+        circle", "red disc", "crimson disc"), the concept first."""
+        table: dict[str, list[str]] = {}
+        for word, other in self.synonyms:
+            table.setdefault(word, []).append(other)
+        spoken = [""]
+        for word in words(concept):
+            spoken = [f"{head} {option}".strip() for head in spoken for option in [word] + table.get(word, [])]
+        return _distinct([concept] + spoken, None)
+
     def phrasings(self, concept: str, limit: int | None = None) -> list[str]:
-        """Distinct captions that mention ``concept``: other phrasings of it, in corpus order."""
-        return _distinct((c for c in self.captions if mentions(c, concept)), limit)
+        """Distinct captions that mention ``concept`` under any of its names: other phrasings of it, in
+        corpus order."""
+        names = self.names(concept)
+        return _distinct((c for c in self.captions if any(mentions(c, n) for n in names)), limit)
 
     def unrelated(self, concepts: Sequence[str], limit: int | None = None) -> list[str]:
-        """Distinct captions that mention none of the content words of ``concepts``."""
-        return _distinct((c for c in self.captions if not any(mentions_any(c, k) for k in concepts)), limit)
+        """Distinct captions that mention no content word of ``concepts`` under any of their names."""
+        names = [n for k in concepts for n in self.names(k)]
+        return _distinct((c for c in self.captions if not any(mentions_any(c, n) for n in names)), limit)
+
+    def replace(self, text: str, concept: str, replacement: str = "") -> str:
+        """``replace_concept`` for whichever name of ``concept`` the text uses ("a crimson square" with
+        red replaced by "blue" is "a blue square")."""
+        for name in self.names(concept):
+            if mentions(text, name):
+                return replace_concept(text, name, replacement)
+        return replace_concept(text, concept, replacement)
 
 
 def _distinct(items: Iterable[str], limit: int | None) -> list[str]:

@@ -278,7 +278,7 @@ class PackTrainer:
         """Encode the concept's pools once: its phrasings (each with the concept's words replaced by the
         neutral prompt, or by a surrogate's own words: "a circle here" -> "a square here") and real prompts
         that mention no concept of the pack."""
-        from .prompts import concept_words, replace_concept
+        from .prompts import concept_words
 
         spec, cfg = concept.spec, self.cfg
         if cfg.phrasings:
@@ -287,7 +287,7 @@ class PackTrainer:
                 swap = spec.neutral_prompt
                 if spec.surrogate is not None:
                     swap = " ".join(concept_words(spec.surrogate))
-                neutral = [replace_concept(p, spec.target, swap) for p in found]
+                neutral = [corpus.replace(p, spec.target, swap) for p in found]
                 concept.phrasing_pos = self.model.encode(found)
                 concept.phrasing_neu = self.model.encode(neutral)
                 concept.phrasing_prompts = found

@@ -271,3 +271,42 @@ def test_a_catalog_entry_can_set_what_every_concept_is_erased_towards(bench, tmp
     membrane.save(str(tmp_path / "v" / "circle.safetensors"))
     assert _stored(str(tmp_path), "v", [ConceptSpec("circle", "a circle", surrogate="a square")], trainer)
     assert _stored(str(tmp_path), "v", [ConceptSpec("circle", "a circle")], trainer) is None
+
+
+def test_synonym_wording_keeps_the_prompts_and_needs_a_world_that_has_synonyms(monkeypatch):
+    import numpy as np
+
+    from spm_train.toyworld import eval_prompts
+    from spm_train.toyworld.render import WIDE
+
+    with pytest.raises(ValueError, match="ToyWorld 'classic' has no synonyms"):
+        erasure_prompts(["red"], synonyms=0.5)
+    with pytest.raises(ValueError, match=r"share in \[0, 1\]"):
+        erasure_prompts(["red"], synonyms=1.5)
+    monkeypatch.setattr(eval_prompts, "WORLD", WIDE)
+    plain_t, plain_o = erasure_prompts(["red", "circle"], fills=2, seed=0)
+    worded_t, worded_o = erasure_prompts(["red", "circle"], fills=2, seed=0, synonyms=1.0)
+    plain = plain_t["red"] + plain_t["circle"] + plain_o
+    worded = worded_t["red"] + worded_t["circle"] + worded_o
+    # the same scenes are asked for, in other words
+    assert [p.attributes for p in plain] == [p.attributes for p in worded]
+    assert all("crimson" in p.text.split() or "crimson," in p.text.split() for p in worded_t["red"])
+    changed = np.mean([a.text != b.text for a, b in zip(plain, worded)])
+    assert changed > 0.9  # only prompts whose every value lacks a synonym (square, striped, ...) stay
+
+
+def test_the_report_checks_synonym_wording_before_training():
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.erasure_report  # noqa: F401
+    from pipelines.erasure_report import check
+    from spm_train.errors import ConfigError
+    from tests.bulk.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        classic = compose("erasure_report", overrides=["bench.synonyms=0.5", "variants=[gated]"])
+        wrong = compose("erasure_report", overrides=["bench.synonyms=2", "variants=[gated]"])
+    with pytest.raises(ConfigError, match=r"bench.synonyms=0.5: ToyWorld 'classic' has no synonyms"):
+        check(classic)
+    with pytest.raises(ConfigError, match=r"bench.synonyms is a share in \[0, 1\], got 2"):
+        check(wrong)

@@ -61,3 +61,30 @@ def test_corpus_phrasings_and_unrelated_captions(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ValueError, match="holds no captions"):
         PromptCorpus.load(str(tmp_path / "empty.txt"))
+
+
+def test_synonyms_are_phrasings_of_a_concept_and_never_its_anchors():
+    corpus = PromptCorpus(("a crimson square", "a red circle", "a blue disc", "a green square, striped",
+                           "a crimson disc"), "test", (("red", "crimson"), ("circle", "disc")))
+    assert corpus.names("a red circle") == ["a red circle", "a red disc", "a crimson circle", "a crimson disc"]
+    assert corpus.phrasings("red") == ["a crimson square", "a red circle", "a crimson disc"]
+    assert corpus.phrasings("a circle") == ["a red circle", "a blue disc", "a crimson disc"]
+    # "a crimson square" shows red: no anchor of a pack that erases red
+    assert corpus.unrelated(["red"]) == ["a blue disc", "a green square, striped"]
+    assert corpus.unrelated(["red", "a circle"]) == ["a green square, striped"]
+    # training pushes a phrasing towards the same sentence with the surrogate, whichever name it used
+    assert corpus.replace("a crimson square", "red", "green") == "a green square"
+    assert corpus.replace("a blue disc", "a circle", "square") == "a blue square"
+    assert corpus.replace("a red circle", "red", "green") == "a green circle"
+    # without synonyms a concept has one name and phrasings are the captions that use it
+    plain = PromptCorpus(corpus.captions, "test")
+    assert plain.names("a red circle") == ["a red circle"] and plain.phrasings("red") == ["a red circle"]
+
+
+def test_the_wide_toyworld_corpus_names_concepts_by_synonyms():
+    from spm_train.toyworld.render import WIDE
+
+    corpus = PromptCorpus.load("toyworld", size=10)
+    assert corpus.synonyms == ()  # the classic world has none
+    wide = PromptCorpus(corpus.captions, "toyworld", WIDE.synonyms)
+    assert wide.names("red") == ["red", "crimson"] and wide.names("a heart") == ["a heart", "a valentine"]

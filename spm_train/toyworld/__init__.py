@@ -9,20 +9,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .render import BACKGROUNDS, COLOURS, SHAPES, STYLES, Scene, caption, make_batch, random_scene, render
+from .render import (BACKGROUNDS, COLOURS, SHAPES, STYLES, WORLD, WORLDS, Scene, World, caption, make_batch,
+                     random_scene, render)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+
+def assets_dir(world: World) -> Path:
+    """Where the assets of ``world`` live: ``assets/`` for the classic world, ``assets-<name>/`` for others."""
+    root = Path(__file__).resolve().parent
+    return root / ("assets" if world.name == "classic" else f"assets-{world.name}")
+
+
+# The assets of the active world (``SPM_TOYWORLD``, classic by default).
+ASSETS = assets_dir(WORLD)
 
 __all__ = [
-    "ASSETS", "BACKGROUNDS", "COLOURS", "SHAPES", "STYLES", "Scene", "base_model_path", "caption",
-    "classifier_path", "load_classifier", "load_pipeline", "make_batch", "random_scene", "render",
-    "variant_model_path",
+    "ASSETS", "BACKGROUNDS", "COLOURS", "SHAPES", "STYLES", "WORLD", "WORLDS", "Scene", "World", "assets_dir",
+    "base_model_path", "caption", "classifier_path", "load_classifier", "load_pipeline", "make_batch",
+    "random_scene", "render", "variant_model_path",
 ]
 
 
 def _existing(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; build it with `python -m spm_train.toyworld.build`")
+        env = "" if WORLD.name == "classic" else f"SPM_TOYWORLD={WORLD.name} "
+        raise FileNotFoundError(f"{path} is missing; build it with `{env}python -m spm_train.toyworld.build`")
     return path
 
 
@@ -58,4 +68,10 @@ def load_classifier(device="cpu"):
     """The ToyWorld attribute classifier (eval mode): ``.classify(images)``, ``.features(images)``."""
     from .classifier import load_classifier_from
 
-    return load_classifier_from(classifier_path(), device)
+    model = load_classifier_from(classifier_path(), device)
+    drawn = {head: tuple(values) for head, values in model.config.heads.items()}
+    wanted = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
+    if drawn != wanted:
+        raise ValueError(f"the classifier in {classifier_path()} reads {drawn}, not the values of ToyWorld "
+                         f"{WORLD.name!r} ({wanted}); rebuild it or set SPM_TOYWORLD to its world")
+    return model

@@ -2,6 +2,7 @@
 
     python -m spm_train.toyworld.build                      # full build into spm_train/toyworld/assets
     python -m spm_train.toyworld.build --smoke --out /tmp/tw  # a few steps of every stage
+    SPM_TOYWORLD=wide python -m spm_train.toyworld.build --device cuda  # the wide world, into assets-wide
 
 Stages (each writes into ``--work-dir`` so that a crashed build resumes where it stopped):
 data pool -> classifier -> VAE (+ decoder fine-tune on frozen-encoder latents) -> UNet + text encoder
@@ -26,15 +27,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import ASSETS
 from . import classifier as clf
 from .model import (encode_prompts, link_shared_components, make_pipeline, make_scheduler, make_text_encoder,
                     make_tokenizer, make_unet, make_vae, save_pipeline)
 from .quality import measure_quality
-from .render import VARIANT_BACKGROUNDS, VARIANT_COLOUR_RGB, caption, make_batch, scene_labels
+from .render import VARIANT_BACKGROUNDS, VARIANT_COLOUR_RGB, WORLD, caption, make_batch, scene_labels
 
 log = logging.getLogger("spm_train.toyworld.build")
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "assets"
+DEFAULT_OUT = ASSETS
+# at least 1,000 quality generations whatever the world's number of combinations (100 classic, 480 wide)
+_PER_COMBO = max(1, math.ceil(1000 / WORLD.combinations()))
 
 
 @dataclass
@@ -56,7 +60,7 @@ class BuildConfig:
     caption_dropout: float = 0.12
     ema_decay: float = 0.999
     checkpoint_every: int = 500
-    quality_per_combo: int = 10  # 100 combos x 10 = 1,000 generations (two standard deviations of a style estimate: about 0.03)
+    quality_per_combo: int = _PER_COMBO  # two standard deviations of a style estimate at 1,000: about 0.03
     variant_steps: int = 300
     variant_pool: int = 20_000
     guidance: float = 3.0
@@ -371,7 +375,9 @@ def build(cfg: BuildConfig) -> dict:
         if d.exists():
             shutil.rmtree(d)
     save_pipeline(make_pipeline(vae, text_encoder, tokenizer, unet), base_dir, half=True)
-    report = {"build": asdict(cfg), "sampler": {"scheduler": "DDIM", "guidance_scale": cfg.guidance,
+    report = {"world": {"name": WORLD.name, "shapes": list(WORLD.shapes), "colours": list(WORLD.colours),
+                        "styles": list(WORLD.styles), "synonyms": dict(WORLD.synonyms)},
+              "build": asdict(cfg), "sampler": {"scheduler": "DDIM", "guidance_scale": cfg.guidance,
                                                  "num_inference_steps": cfg.sampling_steps}}
     report["classifier_heldout"] = json.loads((out / "classifier" / clf.CONFIG_NAME).read_text())[
         "heldout_accuracy"] if (out / "classifier" / clf.CONFIG_NAME).exists() else None
@@ -436,7 +442,8 @@ def _parse(argv=None) -> BuildConfig:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = _parse(argv)
-    log.info("build config: %s", cfg)
+    log.info("ToyWorld %r (%d combinations; %s selects the world); build config: %s", WORLD.name,
+             WORLD.combinations(), "SPM_TOYWORLD", cfg)
     report = build(cfg)
     log.info("done in %.1f min: base %s, variant %s", report["build_minutes"], report["base"], report["variant"])
 

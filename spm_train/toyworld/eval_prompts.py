@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES
+from .render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES, WORLD
 
 EVAL_TEMPLATES = (
     "a {colour} {style} {shape}",
@@ -46,7 +46,7 @@ def form_problems(forms) -> list[str]:
 
     if isinstance(forms, str) or not list(forms):
         return ["forms must be a non-empty list of sentence forms"]
-    seen = {t for t, _ in CAPTION_TEMPLATES}
+    seen = {t.removeprefix("a ") for t, _ in CAPTION_TEMPLATES}
     problems = []
     for form in forms:
         if not isinstance(form, str):
@@ -95,24 +95,39 @@ def concept_head(word: str) -> str:
 
 
 def fill(template: int, rng: np.random.Generator, allowed: dict[str, list[str]], forms=EVAL_TEMPLATES,
-         **fixed) -> EvalPrompt:
+         wording: np.random.Generator | None = None, synonyms: float = 0.0, **fixed) -> EvalPrompt:
+    """One prompt of form ``template``; with ``wording``, each value that has a synonym in the active world
+    is spoken of by it at rate ``synonyms`` (the labels stay the values)."""
     attrs = {head: fixed.get(head) or str(rng.choice(allowed[head])) for head in HEADS}
-    text = forms[template].format(background=str(rng.choice(BACKGROUNDS)), **attrs)
+    spoken = dict(attrs)
+    if wording is not None and synonyms > 0:
+        for head, value in attrs.items():
+            other = WORLD.synonym(value)
+            if other is not None and wording.random() < synonyms:
+                spoken[head] = other
+    text = forms[template].format(background=str(rng.choice(BACKGROUNDS)), **spoken)
     return EvalPrompt(text, template, tuple(attrs.items()))
 
 
 def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
-                    templates: int | None = None,
-                    forms=None) -> tuple[dict[str, list[EvalPrompt]], list[EvalPrompt]]:
+                    templates: int | None = None, forms=None,
+                    synonyms: float = 0.0) -> tuple[dict[str, list[EvalPrompt]], list[EvalPrompt]]:
     """Target prompts of every concept word (each template filled ``fills`` times with the concept fixed
     and the other attributes drawn from all values) and non-target prompts (attributes drawn from the
     values no concept erases). Deterministic in ``seed``. ``forms``: sentence forms to use instead of
-    ``EVAL_TEMPLATES`` (``form_problems`` says which are usable); ``templates``: only the first ones."""
+    ``EVAL_TEMPLATES`` (``form_problems`` says which are usable); ``templates``: only the first ones;
+    ``synonyms``: the share of values named by their synonym (the same prompts otherwise: the wording has
+    its own random stream)."""
     forms = tuple(EVAL_TEMPLATES if forms is None else forms)
     problems = form_problems(forms)
     if problems:
         raise ValueError("; ".join(problems))
+    if not 0.0 <= synonyms <= 1.0:
+        raise ValueError(f"synonyms is a share in [0, 1], got {synonyms!r}")
+    if synonyms > 0 and not WORLD.synonyms:
+        raise ValueError(f"synonyms={synonyms}: ToyWorld {WORLD.name!r} has no synonyms (SPM_TOYWORLD=wide has)")
     rng = np.random.default_rng(seed)
+    wording = np.random.default_rng([seed, 1]) if synonyms > 0 else None
     erased = {head: {w for w in concept_words if concept_head(w) == head} for head in HEADS}
     everything = {head: list(values) for head, values in HEADS.items()}
     kept = {head: [v for v in values if v not in erased[head]] for head, values in HEADS.items()}
@@ -120,7 +135,7 @@ def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
     if empty:
         raise ValueError(f"every {', '.join(empty)} is erased: no non-target prompt can be formed")
     count = len(forms) if templates is None else min(templates, len(forms))
-    targets = {w: [fill(t, rng, everything, forms, **{concept_head(w): w}) for t in range(count)
-                   for _ in range(fills)] for w in concept_words}
-    others = [fill(t, rng, kept, forms) for t in range(count) for _ in range(fills)]
+    targets = {w: [fill(t, rng, everything, forms, wording, synonyms, **{concept_head(w): w})
+                   for t in range(count) for _ in range(fills)] for w in concept_words}
+    others = [fill(t, rng, kept, forms, wording, synonyms) for t in range(count) for _ in range(fills)]
     return targets, others

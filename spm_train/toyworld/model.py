@@ -8,11 +8,12 @@ SD's DDIM scheduler.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
-from .render import BACKGROUNDS, COLOURS, SHAPES, STYLES
+from .render import WORLD, World
 
 MAX_LENGTH = 16
 TEXT_WIDTH = 64
@@ -22,8 +23,12 @@ EXTRA_WORDS = ("a", "on", "background", ",", "the", "of", "with", "and", "an", "
                "shape", "style", "colour", "color", "no", "not")
 
 
-def toyworld_words() -> list[str]:
-    return sorted(set(SHAPES + COLOURS + STYLES + BACKGROUNDS + EXTRA_WORDS))
+def toyworld_words(world: World | None = None) -> list[str]:
+    """The tokenizer's words: every value and synonym of ``world`` (default: the active one), the words of
+    its caption forms, and ``EXTRA_WORDS``."""
+    world = world or WORLD
+    forms = {w for form, _ in world.templates for w in re.sub(r"\{\w+\}|,", " ", form).split()}
+    return sorted(set(world.words()) | forms | set(EXTRA_WORDS))
 
 
 def make_tokenizer(out_dir: str | Path):

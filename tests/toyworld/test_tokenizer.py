@@ -74,3 +74,14 @@ def test_merges_do_not_depend_on_string_hashing():
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
     assert len(outputs) == 1
+
+
+def test_the_wide_world_words_and_synonyms_are_one_token_each(tmp_path):
+    from spm_train.toyworld.render import WIDE
+
+    words = toyworld_words(WIDE)
+    assert {"crimson", "disc", "valentine", "which", "this", "is", "gradient"} <= set(words)
+    assert set(toyworld_words()) < set(words)
+    tok = build_word_tokenizer(words, tmp_path / "tok", model_max_length=16)
+    text = "this is a checked crimson valentine"
+    assert tok.convert_ids_to_tokens(tok(text).input_ids[1:-1]) == [w + "</w>" for w in text.split()]
