@@ -102,8 +102,8 @@ def check(cfg: DictConfig):
             from spm_train.toyworld.render import WORLD
 
             if not WORLD.synonyms:
-                problems.append(f"bench.synonyms={settings.synonyms}: ToyWorld {WORLD.name!r} has no synonyms "
-                                "(SPM_TOYWORLD=wide has)")
+                problems.append(f"bench.synonyms={settings.synonyms}: ToyWorld {WORLD.name!r} has no "
+                                "synonyms (SPM_TOYWORLD=wide has)")
         if settings.forms is not None:
             from spm_train.toyworld.eval_prompts import form_problems
 

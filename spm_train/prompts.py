@@ -120,7 +120,8 @@ class PromptCorpus:
     @classmethod
     def load(cls, source: str, *, size: int = 2000, seed: int = 0) -> "PromptCorpus":
         """``"toyworld"``: ``size`` captions of random scenes of the active ToyWorld (its caption forms and
-        synonyms); otherwise a text file with one caption per line (blank lines and ``#`` comments skipped)."""
+        synonyms); otherwise a text file with one caption per line (blank lines and ``#`` comments
+        skipped)."""
         if source == "toyworld":
             import numpy as np
 
@@ -146,7 +147,8 @@ class PromptCorpus:
             table.setdefault(word, []).append(other)
         spoken = [""]
         for word in words(concept):
-            spoken = [f"{head} {option}".strip() for head in spoken for option in [word] + table.get(word, [])]
+            options = [word] + table.get(word, [])
+            spoken = [f"{head} {option}".strip() for head in spoken for option in options]
         return _distinct([concept] + spoken, None)
 
     def phrasings(self, concept: str, limit: int | None = None) -> list[str]:
