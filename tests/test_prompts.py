@@ -66,7 +66,8 @@ def test_corpus_phrasings_and_unrelated_captions(tmp_path):
 def test_synonyms_are_phrasings_of_a_concept_and_never_its_anchors():
     corpus = PromptCorpus(("a crimson square", "a red circle", "a blue disc", "a green square, striped",
                            "a crimson disc"), "test", (("red", "crimson"), ("circle", "disc")))
-    assert corpus.names("a red circle") == ["a red circle", "a red disc", "a crimson circle", "a crimson disc"]
+    assert corpus.names("a red circle") == ["a red circle", "a red disc", "a crimson circle",
+                                            "a crimson disc"]
     assert corpus.phrasings("red") == ["a crimson square", "a red circle", "a crimson disc"]
     assert corpus.phrasings("a circle") == ["a red circle", "a blue disc", "a crimson disc"]
     # "a crimson square" shows red: no anchor of a pack that erases red

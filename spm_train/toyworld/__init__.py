@@ -14,7 +14,8 @@ from .render import (BACKGROUNDS, COLOURS, SHAPES, STYLES, WORLD, WORLDS, Scene,
 
 
 def assets_dir(world: World) -> Path:
-    """Where the assets of ``world`` live: ``assets/`` for the classic world, ``assets-<name>/`` for others."""
+    """Where the assets of ``world`` live: ``assets/`` for the classic world, ``assets-<name>/`` for
+    others."""
     root = Path(__file__).resolve().parent
     return root / ("assets" if world.name == "classic" else f"assets-{world.name}")
 

@@ -125,7 +125,8 @@ def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
     if not 0.0 <= synonyms <= 1.0:
         raise ValueError(f"synonyms is a share in [0, 1], got {synonyms!r}")
     if synonyms > 0 and not WORLD.synonyms:
-        raise ValueError(f"synonyms={synonyms}: ToyWorld {WORLD.name!r} has no synonyms (SPM_TOYWORLD=wide has)")
+        raise ValueError(f"synonyms={synonyms}: ToyWorld {WORLD.name!r} has no synonyms "
+                         "(SPM_TOYWORLD=wide has)")
     rng = np.random.default_rng(seed)
     wording = np.random.default_rng([seed, 1]) if synonyms > 0 else None
     erased = {head: {w for w in concept_words if concept_head(w) == head} for head in HEADS}

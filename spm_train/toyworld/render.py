@@ -155,7 +155,8 @@ class Scene:
     def labels(self, world: World | None = None) -> tuple[int, int, int]:
         """(shape, colour, style) indices in ``world`` (default: the active one), the classifier's targets."""
         world = world or WORLD
-        return world.shapes.index(self.shape), world.colours.index(self.colour), world.styles.index(self.style)
+        return (world.shapes.index(self.shape), world.colours.index(self.colour),
+                world.styles.index(self.style))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,7 +179,8 @@ def random_scene(rng: np.random.Generator, max_rotation: float | None = None, wo
     style = fixed.get("style", world.styles[rng.integers(len(world.styles))])
     background = fixed.get("background", world.backgrounds[rng.integers(len(world.backgrounds))])
     for name, value, allowed in (("shape", shape, world.shapes), ("colour", colour, world.colours),
-                                 ("style", style, world.styles), ("background", background, world.backgrounds)):
+                                 ("style", style, world.styles),
+                                 ("background", background, world.backgrounds)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed} (ToyWorld {world.name!r})")
     size = float(fixed.get("size", rng.uniform(*SIZE_RANGE)))
@@ -228,7 +230,8 @@ def _polygon_fan(px, py, cx, cy, vertices: np.ndarray) -> np.ndarray:
 
 
 def _polygon_inside(px, py, vertices: np.ndarray) -> np.ndarray:
-    """Even-odd inside test for any simple polygon (a ray cast to the right crosses an odd number of edges)."""
+    """Even-odd inside test for any simple polygon: a ray cast to the right crosses an odd number of
+    edges."""
     inside = np.zeros(px.shape, dtype=bool)
     n = len(vertices)
     for i in range(n):
@@ -302,7 +305,8 @@ def _shape_mask(scene: Scene, px: np.ndarray, py: np.ndarray) -> np.ndarray:
         u, v = u / radius, v / radius
         if scene.shape == "heart":
             # two lobes on top of a triangle pointing down
-            lobes = ((u - 0.42) ** 2 + (v + 0.35) ** 2 <= 0.5 ** 2) | ((u + 0.42) ** 2 + (v + 0.35) ** 2 <= 0.5 ** 2)
+            lobes = (((u - 0.42) ** 2 + (v + 0.35) ** 2 <= 0.5 ** 2)
+                     | ((u + 0.42) ** 2 + (v + 0.35) ** 2 <= 0.5 ** 2))
             tip = _polygon_inside(u, v, np.array([(-0.9, -0.2), (0.9, -0.2), (0.0, 1.0)]))
             return lobes | tip
         # a disc with a smaller disc bitten out of its right side
