@@ -141,6 +141,9 @@ class TrainerConfig:
     # itself without the concept's words; anchors from real prompts that do not mention the concept; both
     # drawn from ``corpus`` ("toyworld" or a text file with one caption per line)
     phrasings: int = 0
+    # erase guidance of those phrasings (None: the concept's guidance_scale, as for the target itself);
+    # 0 maps each phrasing onto the same sentence with the surrogate's words and nothing beyond
+    phrasing_guidance: float | None = None
     prompt_anchors: int = 0
     corpus: str | None = None
     corpus_size: int = 2000
@@ -194,6 +197,8 @@ class TrainerConfig:
             problems.append(f"max_denoising_steps must be >= 2, got {self.max_denoising_steps}")
         if isinstance(self.lr_cycles, int) and self.lr_cycles < 1:
             problems.append(f"lr_cycles must be >= 1, got {self.lr_cycles}")
+        if self.phrasing_guidance is not None:
+            positive("phrasing_guidance", allow_zero=True)
         scales = [number_problem(n, getattr(self, n)) for n in ("anchor_scale_min", "anchor_scale_max")]
         problems += [p for p in scales if p]
         if not any(scales) and not (0 < self.anchor_scale_min <= self.anchor_scale_max):
@@ -251,6 +256,8 @@ class TrainerConfig:
             data.pop(key)
         if data["gate"] == "none":  # keys of membranes trained before gates existed stay valid
             data.pop("gate")
+        if data["phrasing_guidance"] is None:  # as for gates: older keys stay valid
+            data.pop("phrasing_guidance")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

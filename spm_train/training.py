@@ -479,7 +479,7 @@ class PackTrainer:
         for c in self.concepts:
             na, ne = c.num_anchors, B * c.erase_rows
             pos, neu = off[off_i:off_i + ne], off[off_i + ne:off_i + 2 * ne]
-            g = c.spec.guidance_scale
+            g = self._erase_guidance(c, pos)
             goals += [neu - g * (pos - neu), off[off_i + 2 * ne:off_i + 2 * ne + na]]
             off_i += 2 * ne + na
         goal, weight, owner = torch.cat(goals), layout["weight"], layout["owner"]
@@ -520,6 +520,17 @@ class PackTrainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return losses
+
+    def _erase_guidance(self, c: _Concept, pos: torch.Tensor) -> float | torch.Tensor:
+        """The erase guidance of each erase row: the concept's ``guidance_scale`` for its target, and
+        ``phrasing_guidance`` (when set) for the phrasings after it."""
+        g = c.spec.guidance_scale
+        if not c.num_phrasings or self.cfg.phrasing_guidance is None:
+            return g
+        rows = torch.full((pos.shape[0],), float(self.cfg.phrasing_guidance), device=pos.device,
+                          dtype=pos.dtype)
+        rows[:self.cfg.batch_size] = g
+        return rows.view(-1, *[1] * (pos.dim() - 1))
 
     @torch.no_grad()
     def _clip_per_membrane(self) -> None:

@@ -310,3 +310,21 @@ def test_the_report_checks_synonym_wording_before_training():
         check(classic)
     with pytest.raises(ConfigError, match=r"bench.synonyms is a share in \[0, 1\], got 2"):
         check(wrong)
+
+
+def test_the_three_prompt_sets_are_disjoint_and_each_usable():
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.erasure_report  # noqa: F401
+    from pipelines.erasure_report import check
+    from tests.bulk.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        unseen = check(compose("erasure_report", overrides=["+forms=unseen", "variants=[gated]"]))[2].forms
+        wild = check(compose("erasure_report", overrides=["+forms=wild", "variants=[gated]"]))[2].forms
+    assert len(wild) >= 12 and form_problems(wild) == []
+    assert not set(wild) & set(unseen) and not set(wild) & set(EVAL_TEMPLATES)
+    # the wild forms reach the tokenizer with what makes them wild: brackets, bars, capitals, plurals
+    targets, _ = erasure_prompts(["red", "circle"], fills=1, forms=wild)
+    texts = [p.text for p in targets["red"]]
+    assert texts[0].startswith("((red)) ") and "|" in texts[4] and texts[2].startswith("A ")

@@ -315,3 +315,23 @@ def test_calibrated_training_writes_the_transport_into_the_header(tmp_path):
     loaded = load_membrane(membrane.save(str(tmp_path / "cat.safetensors")))
     cal = Calibration.from_membrane(loaded, Calibration(-2.0, 2.0))
     assert -1.0 <= cal.zero < cal.one <= 1.0 and json.loads(loaded.extra[TRANSPORT_KEY])["similarity"] == "token"
+
+
+def test_phrasings_can_be_erased_at_their_own_guidance(tmp_path):
+    """The target's rows keep the concept's guidance_scale; with ``phrasing_guidance`` the phrasing rows use
+    it instead (0: each phrasing's goal is the prediction of the same sentence with the surrogate)."""
+    pipe = tiny_pipeline("sd1")
+    spec = ConceptSpec("dog", "dog", surrogate="a cat", guidance_scale=4.0)
+    cfg = SMOKE.replace(phrasings=3, corpus=_corpus(tmp_path), batch_size=2)
+    same = PackTrainer(pipe, [spec], cfg, progress=False)
+    rows = torch.zeros(2 * 4, 4, 8, 8)
+    assert same._erase_guidance(same.concepts[0], rows) == 4.0
+    same.close()
+    own = PackTrainer(pipe, [spec], cfg.replace(phrasing_guidance=0.0), progress=False)
+    g = own._erase_guidance(own.concepts[0], rows)
+    assert g.shape == (8, 1, 1, 1) and g.flatten().tolist() == [4.0, 4.0] + [0.0] * 6
+    own.close()
+    assert cfg.fingerprint() != cfg.replace(phrasing_guidance=0.0).fingerprint()
+    assert cfg.fingerprint() == cfg.replace(phrasing_guidance=None).fingerprint()
+    with pytest.raises(ValueError, match="phrasing_guidance must be >= 0"):
+        cfg.replace(phrasing_guidance=-1.0)
