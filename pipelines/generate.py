@@ -52,7 +52,9 @@ class GenerateConfig:
     similarity: str = "token"
     # zero point of membranes without a calibration in their header ("token"), or of "content"
     threshold: float = 0.85
-    # "linear" (the paper's formula) or "official" (gamma squared, as the official inference code)
+    # "linear" (the paper's formula), "official" (gamma squared, as the official inference code) or
+    # "shared" (linear; the membranes open on a prompt share one opening of `facilitate` at its summary
+    # positions)
     scaling: str = "linear"
     device: Optional[str] = None
 

@@ -28,7 +28,11 @@ a content token as far as it is close to the concept, every other position not a
 prompt) as far as the prompt is. The other words of a prompt that names the concept keep their keys and
 values (with ``"word"`` the summary positions too), and so do prompts that open several membranes.
 ``scaling="official"`` reproduces the official inference code, which multiplies both membrane factors
-by gamma (an effect of gamma squared); ``"linear"`` (default) is the paper's formula.
+by gamma (an effect of gamma squared); ``"linear"`` (default) is the paper's formula. ``"shared"`` is
+linear, except on the summary positions of a prompt (end-of-text and padding, which every gated membrane
+open on the prompt acts on): there the open membranes share one opening of ``facilitate`` instead of each
+taking its own, so that several membranes opened beyond their trained strength do not add up there
+(docs/erasure.md, "Erase strength against the rest of the prompt").
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 SIMILARITIES = ("paper", "content", "token")
-SCALINGS = ("linear", "official")
+SCALINGS = ("linear", "official", "shared")
 TRANSPORT_KEY = "transport"  # header key of a membrane's calibrated transport
 GATE_KEY = "gate"  # header key: "token" or "word" for a membrane that opens per token
 GATED = ("token", "word")
@@ -431,6 +435,10 @@ class MembraneHandle:
                                      include_self=False)
         # the tail positions follow the prompt's own (final) permeability, or stay closed ("word")
         tail_gamma = gamma[rows] * self.tail_open.to(gamma.device)
+        if self.scaling == "shared":
+            # fully open membranes on the prompt, counted in units of `facilitate`: beyond one, they share
+            opened = gamma[rows].sum(dim=1, keepdim=True) / max(self.facilitate, 1e-12)
+            tail_gamma = tail_gamma / opened.clamp(min=1.0)
         gated = torch.where(tail.to(gamma.device).unsqueeze(-1), tail_gamma.unsqueeze(1), gated)
         use = self.gated.to(gamma.device)
         tokens[rows] = torch.where(use, gated, tokens[rows])

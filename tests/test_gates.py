@@ -220,3 +220,45 @@ def test_a_word_gated_membrane_changes_only_the_concept_token(toyworld):
     opened[red] = True
     assert all(c[0, ~opened].max() == 0 for c in changed)  # every other position, the tail included
     assert all(c[1].max() == 0 for c in changed)
+
+
+def _tokens_seen(pipe, membranes, prompts, **transport):
+    """The per-token permeabilities the membranes' layers receive for ``prompts`` (one step, no guidance)."""
+    handle = apply_membranes(pipe, membranes, **transport)
+    seen = []
+    set_permeability = handle.bank.set_permeability
+
+    def spy(gamma, tokens=None):
+        if tokens is not None:
+            seen.append(tokens.detach().clone())
+        return set_permeability(gamma, tokens)
+
+    handle.bank.set_permeability = spy
+    try:
+        pipe(list(prompts), num_inference_steps=1, guidance_scale=1.0, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def test_shared_scaling_splits_the_tail_among_the_membranes_open_on_a_prompt(toyworld, gated_red):
+    import dataclasses
+
+    twin = dataclasses.replace(gated_red, name="red-twin")
+    prompts = ["a red square", "a green circle"]
+    tok = toyworld.tokenizer
+    ids = tok(prompts[0], padding="max_length", max_length=tok.model_max_length).input_ids
+    red, eos = ids.index(tok.convert_tokens_to_ids("red</w>")), ids.index(tok.eos_token_id)
+    linear = _tokens_seen(toyworld, [gated_red, twin], prompts, facilitate=2.0)
+    shared = _tokens_seen(toyworld, [gated_red, twin], prompts, facilitate=2.0, scaling="shared")
+    # the concept's token: each membrane at f = 2 either way
+    assert linear[0, red].tolist() == shared[0, red].tolist() == [2.0, 2.0]
+    # the tail: each membrane at f gamma when linear (2 each here, the prompt names red); shared, the two
+    # split one opening of f
+    assert torch.allclose(linear[0, eos:], torch.full_like(linear[0, eos:], 2.0))
+    assert torch.allclose(shared[0, eos:], torch.full_like(shared[0, eos:], 1.0))
+    assert torch.all(shared[1] == 0) and torch.all(linear[1] == 0)  # a prompt that opens neither
+    # a membrane open alone on its prompt keeps its whole opening
+    alone = _tokens_seen(toyworld, [gated_red], prompts, facilitate=2.0, scaling="shared")
+    assert torch.allclose(alone[0, eos:], torch.full_like(alone[0, eos:], 2.0)) and alone[0, red].item() == 2.0
