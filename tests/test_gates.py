@@ -261,4 +261,5 @@ def test_shared_scaling_splits_the_tail_among_the_membranes_open_on_a_prompt(toy
     assert torch.all(shared[1] == 0) and torch.all(linear[1] == 0)  # a prompt that opens neither
     # a membrane open alone on its prompt keeps its whole opening
     alone = _tokens_seen(toyworld, [gated_red], prompts, facilitate=2.0, scaling="shared")
-    assert torch.allclose(alone[0, eos:], torch.full_like(alone[0, eos:], 2.0)) and alone[0, red].item() == 2.0
+    assert torch.allclose(alone[0, eos:], torch.full_like(alone[0, eos:], 2.0))
+    assert alone[0, red].item() == 2.0
