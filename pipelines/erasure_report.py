@@ -96,17 +96,10 @@ def check(cfg: DictConfig):
                 problems.append(f"bench.{key} must be an integer >= 1, got {value!r}")
         if not 0 < settings.draw_threshold <= 1:
             problems.append(f"bench.draw_threshold must be in (0, 1], got {settings.draw_threshold}")
-        if not isinstance(settings.synonyms, (int, float)) or not 0 <= settings.synonyms <= 1:
-            problems.append(f"bench.synonyms is a share in [0, 1], got {settings.synonyms!r}")
-        elif settings.synonyms > 0:
-            from spm_train.toyworld.render import WORLD
+        from spm_train.toyworld.eval_prompts import form_problems, synonym_problems
 
-            if not WORLD.synonyms:
-                problems.append(f"bench.synonyms={settings.synonyms}: ToyWorld {WORLD.name!r} has no "
-                                "synonyms (SPM_TOYWORLD=wide has)")
+        problems += [f"bench.{p}" for p in synonym_problems(settings.synonyms)]
         if settings.forms is not None:
-            from spm_train.toyworld.eval_prompts import form_problems
-
             problems += [f"bench.forms: {p}" for p in form_problems(settings.forms)]
     if problems:
         raise ConfigError("erasure report", problems)

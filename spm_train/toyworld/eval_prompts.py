@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES, WORLD
+from .render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES, WORLD, WORLD_ENV
 
 EVAL_TEMPLATES = (
     "a {colour} {style} {shape}",
@@ -65,6 +65,16 @@ def form_problems(forms) -> list[str]:
         elif form in seen or form.removeprefix("a ") in seen:
             problems.append(f"form {form!r} is a training caption form: it measures nothing held out")
     return problems
+
+
+def synonym_problems(synonyms) -> list[str]:
+    """Why ``synonyms`` (the share of values an evaluation names by a synonym) cannot be used: a share in
+    [0, 1], above 0 only in a world that has synonyms."""
+    if not isinstance(synonyms, (int, float)) or not 0 <= synonyms <= 1:
+        return [f"synonyms is a share in [0, 1], got {synonyms!r}"]
+    if synonyms > 0 and not WORLD.synonyms:
+        return [f"synonyms={synonyms}: ToyWorld {WORLD.name!r} has no synonyms ({WORLD_ENV}=wide has)"]
+    return []
 
 
 def _check_disjoint() -> None:
@@ -122,11 +132,9 @@ def erasure_prompts(concept_words: list[str], *, fills: int = 2, seed: int = 0,
     problems = form_problems(forms)
     if problems:
         raise ValueError("; ".join(problems))
-    if not 0.0 <= synonyms <= 1.0:
-        raise ValueError(f"synonyms is a share in [0, 1], got {synonyms!r}")
-    if synonyms > 0 and not WORLD.synonyms:
-        raise ValueError(f"synonyms={synonyms}: ToyWorld {WORLD.name!r} has no synonyms "
-                         "(SPM_TOYWORLD=wide has)")
+    problems = synonym_problems(synonyms)
+    if problems:
+        raise ValueError("; ".join(problems))
     rng = np.random.default_rng(seed)
     wording = np.random.default_rng([seed, 1]) if synonyms > 0 else None
     erased = {head: {w for w in concept_words if concept_head(w) == head} for head in HEADS}
