@@ -67,11 +67,11 @@ def load_pipeline(which: str = "base", device="cpu", dtype=None):
 
 def load_classifier(device="cpu"):
     """The ToyWorld attribute classifier (eval mode): ``.classify(images)``, ``.features(images)``."""
-    from .classifier import load_classifier_from
+    from .classifier import HEADS, load_classifier_from
 
     model = load_classifier_from(classifier_path(), device)
     drawn = {head: tuple(values) for head, values in model.config.heads.items()}
-    wanted = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
+    wanted = {head: tuple(values) for head, values in HEADS.items()}
     if drawn != wanted:
         raise ValueError(f"the classifier in {classifier_path()} reads {drawn}, not the values of ToyWorld "
                          f"{WORLD.name!r} ({wanted}); rebuild it or set SPM_TOYWORLD to its world")
