@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .render import (BACKGROUNDS, COLOURS, SHAPES, STYLES, WORLD, WORLDS, Scene, World, caption, make_batch,
-                     random_scene, render)
+from .render import (BACKGROUNDS, COLOURS, SHAPES, STYLES, WORLD, WORLD_ENV, WORLDS, Scene, World, caption,
+                     make_batch, random_scene, render)
 
 
 def assets_dir(world: World) -> Path:
@@ -32,7 +32,7 @@ __all__ = [
 
 def _existing(path: Path) -> Path:
     if not path.exists():
-        env = "" if WORLD.name == "classic" else f"SPM_TOYWORLD={WORLD.name} "
+        env = "" if WORLD.name == "classic" else f"{WORLD_ENV}={WORLD.name} "
         raise FileNotFoundError(f"{path} is missing; build it with `{env}python -m spm_train.toyworld.build`")
     return path
 
@@ -74,5 +74,5 @@ def load_classifier(device="cpu"):
     wanted = {head: tuple(values) for head, values in HEADS.items()}
     if drawn != wanted:
         raise ValueError(f"the classifier in {classifier_path()} reads {drawn}, not the values of ToyWorld "
-                         f"{WORLD.name!r} ({wanted}); rebuild it or set SPM_TOYWORLD to its world")
+                         f"{WORLD.name!r} ({wanted}); rebuild it or set {WORLD_ENV} to its world")
     return model

@@ -32,7 +32,8 @@ from . import classifier as clf
 from .model import (encode_prompts, link_shared_components, make_pipeline, make_scheduler, make_text_encoder,
                     make_tokenizer, make_unet, make_vae, save_pipeline)
 from .quality import measure_quality
-from .render import VARIANT_BACKGROUNDS, VARIANT_COLOUR_RGB, WORLD, caption, make_batch, scene_labels
+from .render import (VARIANT_BACKGROUNDS, VARIANT_COLOUR_RGB, WORLD, WORLD_ENV, caption, make_batch,
+                     scene_labels)
 
 log = logging.getLogger("spm_train.toyworld.build")
 
@@ -443,7 +444,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = _parse(argv)
     log.info("ToyWorld %r (%d combinations; %s selects the world); build config: %s", WORLD.name,
-             WORLD.combinations(), "SPM_TOYWORLD", cfg)
+             WORLD.combinations(), WORLD_ENV, cfg)
     report = build(cfg)
     log.info("done in %.1f min: base %s, variant %s", report["build_minutes"], report["base"], report["variant"])
 
