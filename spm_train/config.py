@@ -145,6 +145,10 @@ class TrainerConfig:
     # 0 maps each phrasing onto the same sentence with the surrogate's words and nothing beyond
     phrasing_guidance: float | None = None
     prompt_anchors: int = 0
+    # relative std of Gaussian noise on the frozen UNet's weights (each tensor's noise scaled by its RMS),
+    # redrawn every iteration: the membrane learns to erase on a neighbourhood of the base, which is where
+    # fine-tunes of it lie (transfer); 0: the base as it is
+    weight_noise: float = 0.0
     corpus: str | None = None
     corpus_size: int = 2000
     anchor_batch: str = "project"
@@ -182,7 +186,7 @@ class TrainerConfig:
             positive(name)
         for name in ("weight_decay", "lr_warmup_steps", "la_strength", "anchors_per_step",
                      "max_grad_norm", "checkpoint_every", "trajectory_guidance", "micro_batch",
-                     "phrasings", "prompt_anchors"):
+                     "phrasings", "prompt_anchors", "weight_noise"):
             positive(name, allow_zero=True)
         for name in ("iterations", "batch_size", "rank", "max_denoising_steps", "anchors_per_step",
                      "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed", "micro_batch",
@@ -258,6 +262,8 @@ class TrainerConfig:
             data.pop("gate")
         if data["phrasing_guidance"] is None:  # as for gates: older keys stay valid
             data.pop("phrasing_guidance")
+        if data["weight_noise"] == 0:
+            data.pop("weight_noise")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -153,6 +153,7 @@ class PackTrainer:
             self._setup_layout()
             self._setup_optimizer()
             self._setup_memory_format()
+            self._setup_weight_noise()
         except BaseException:
             # all or nothing: membranes left attached to a cached base would fail every later pack on it
             # ("already carries membranes") and hide this error, the real cause
@@ -333,6 +334,41 @@ class PackTrainer:
         self.made_channels_last = self.cfg.channels_last and not already
         if self.made_channels_last:
             self.unet.to(memory_format=torch.channels_last)
+
+    def _setup_weight_noise(self) -> None:
+        """A clean copy of every frozen UNet tensor, which each iteration perturbs and restores."""
+        self.noisy: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        if not self.cfg.weight_noise:
+            return
+        if self.engine is not None and self.zero_stage == 3:
+            raise ConfigError("trainer config", ["weight_noise needs the whole base on each device; ZeRO stage 3 "
+                                                 "partitions it (use stage 2 or weight_noise 0)"])
+        own = {id(p) for p in self.bank.parameters()}
+        for p in self.unet.parameters():
+            if id(p) in own or not p.is_floating_point():
+                continue
+            clean = p.detach().clone()
+            self.noisy.append((p, clean, float(clean.float().pow(2).mean().sqrt())))
+
+    @contextlib.contextmanager
+    def _perturbed_base(self):
+        """The base with this iteration's weight noise (from the seed, the step and the rank, so a resumed
+        run draws what an uninterrupted one would), restored exactly afterwards, also on errors."""
+        if not self.noisy:
+            yield
+            return
+        g = torch.Generator(device=self.device)
+        g.manual_seed(concept_seed(self.cfg.seed, f"weight_noise#{self.step}#{self.worker_rank}"))
+        try:
+            with torch.no_grad():
+                for p, clean, rms in self.noisy:
+                    noise = torch.randn(p.shape, generator=g, device=self.device, dtype=p.dtype)
+                    p.copy_(clean + noise.to(p.device).mul_(self.cfg.weight_noise * rms))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, clean, _ in self.noisy:
+                    p.copy_(clean)
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -563,7 +599,8 @@ class PackTrainer:
                    desc=f"pack[{len(self.specs)}]", unit="it", leave=False)
         try:
             while self.step < cfg.iterations:
-                losses = self._train_step()
+                with self._perturbed_base():
+                    losses = self._train_step()
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.iterations:

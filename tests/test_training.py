@@ -335,3 +335,36 @@ def test_phrasings_can_be_erased_at_their_own_guidance(tmp_path):
     assert cfg.fingerprint() == cfg.replace(phrasing_guidance=None).fingerprint()
     with pytest.raises(ValueError, match="phrasing_guidance must be >= 0"):
         cfg.replace(phrasing_guidance=-1.0)
+
+
+def test_weight_noise_trains_on_perturbed_bases_and_restores_the_base_exactly():
+    """``weight_noise`` redraws Gaussian noise of that relative size on every frozen UNet tensor each
+    iteration (never on the membranes), from the seed and the step, and puts the base back bit for bit."""
+    pipe = tiny_pipeline("sd1")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = SMOKE.replace(weight_noise=0.1)
+    seen = []
+    trainer = PackTrainer(pipe, [CAT], cfg, progress=False)
+    step = trainer._train_step
+
+    def spy():
+        w = pipe.unet.conv_in.weight
+        seen.append(((w - before["conv_in.weight"]).pow(2).mean().sqrt() / before["conv_in.weight"].pow(2).mean().sqrt()).item())
+        layer = next(iter(trainer.bank.layers.values()))
+        seen.append(layer.up.detach().clone())
+        return step()
+
+    trainer._train_step = spy
+    noisy = trainer.train().membranes[0]
+    trainer.close()
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rel = seen[0::2]
+    assert all(0.07 < r < 0.13 for r in rel) and len(set(rel)) == len(rel)  # about 10 %, a new draw each step
+    assert not seen[1].any()  # the membrane itself is not perturbed (its up factor starts at zero)
+    again = train_membranes(pipe, [CAT], cfg, progress=False).membranes[0]
+    clean = train_membranes(pipe, [CAT], SMOKE, progress=False).membranes[0]
+    assert _max_diff(noisy, again) == 0.0 and _max_diff(noisy, clean) > 1e-4
+    assert SMOKE.fingerprint() == SMOKE.replace(weight_noise=0.0).fingerprint() != cfg.fingerprint()
+    with pytest.raises(ValueError, match="weight_noise must be >= 0"):
+        SMOKE.replace(weight_noise=-0.1)
