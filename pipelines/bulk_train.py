@@ -118,6 +118,26 @@ def _setup_model(cfg: DictConfig, concepts: list[ConceptSpec] = ()) -> tuple[dic
     return model, family, fingerprint
 
 
+def _check_transfer_models(cfg: DictConfig, model: dict[str, Any], family: str) -> None:
+    """Each of ``registry.transfer_models`` loads and is of the base's family, before any job starts."""
+    from spm_train.errors import ModelLoadError
+    from spm_train.models import detect_family, load_base_model
+
+    if not (cfg.registry.enabled and _registry_section(cfg).get("evaluator")):
+        return
+    problems = []
+    for source in cfg.registry.get("transfer_models") or []:
+        try:
+            other = detect_family(load_base_model(source, dtype=model["dtype"]))
+        except (ModelLoadError, OSError, ValueError) as exc:
+            problems.append(f"registry.transfer_models: {source!r} does not load: {exc}")
+            continue
+        if other != family:
+            problems.append(f"registry.transfer_models: {source!r} is a {other} model, the base is {family}")
+    if problems:
+        raise ConfigError("bulk run", problems)
+
+
 def _warn_long_prompts(pipe, concepts: list[ConceptSpec]) -> None:
     """Say on the driver, before training, which prompts the text encoder will cut (workers log to
     themselves only, and a cut target trains a membrane for its first words)."""
@@ -206,6 +226,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         raise ConfigError("bulk run", problems)
 
     model, family, fingerprint = _setup_model(cfg, concepts)
+    _check_transfer_models(cfg, model, family)
     tasks = expand(concepts, trainer, sweep, fingerprint, cluster=cluster)
     store = ResultStore(cfg.paths.store)
     cached, todo = [], []

@@ -93,6 +93,9 @@ class RegistryConfig:
     # "all": every sweep point's membrane is registered; "best": per concept only the best candidate
     # (passed first, then the largest target drop minus preservation drop)
     select: str = "all"
+    # other models of the base's family the membranes are also validated on (transfer), each a model
+    # source as in conf/model (toyworld:variant, a local diffusers folder); the gates must hold on each
+    transfer_models: List[str] = field(default_factory=list)
 
 
 @dataclass

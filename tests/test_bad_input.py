@@ -169,3 +169,19 @@ def membrane_file_factory(tmp_path, sd1_pipe):
         return str(path)
 
     return build
+
+
+def test_a_transfer_model_of_another_family_or_missing_is_named_before_training(tmp_path):
+    """``registry.transfer_models`` load on the driver with the base: a model of another family, or one that
+    does not exist, is one error naming it, before any job starts."""
+    from pipelines.bulk_train import plan_run
+    from tests.bulk.conftest import compose
+
+    evaluator = "registry.evaluator=tests.registry.test_validation:fake_evaluator"
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError) as err:
+        plan_run(compose(tmp_path, evaluator, f"registry.transfer_models=[random:sd2,{missing}]"))
+    text = str(err.value)
+    assert "registry.transfer_models: 'random:sd2' is a sd2 model, the base is sd1" in text
+    assert f"registry.transfer_models: '{missing}' does not load" in text
+    assert plan_run(compose(tmp_path, evaluator, "registry.transfer_models=[random:sd1]")).family == "sd1"

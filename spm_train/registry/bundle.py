@@ -11,6 +11,7 @@ Bundle layout::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -296,7 +297,7 @@ def _entry_problems(i: int, e: Any, directory: str) -> list[str]:
     if not isinstance(e.get("aliases", []), list) or not all(isinstance(a, str) for a in e.get("aliases", [])):
         problems.append(f"entry {i}: 'aliases' must be a list of names")
     validation = e.get("validation") or {}
-    known = {"structural", "behavioural", "reasons", "metrics", "gates", "status"}
+    known = {f.name for f in dataclasses.fields(ValidationReport)} | {"status"}
     if not isinstance(validation, dict) or set(validation) - known:
         problems.append(f"entry {i}: 'validation' must be an object with keys among {sorted(known)}")
     if isinstance(e.get("file"), str):

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from ..tracking import NullTracker, open_tracker
 from .blobs import sha256_file
 from .core import Registry, Version
-from .validate import FAILED, Gates, load_evaluator, validate
+from .validate import FAILED, Gates, load_evaluator, transfer_metrics, validate
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,9 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
     specs = {c.name: c for c in concepts}
     evaluator = load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
     base = _LazyBase(model)
+    others = {src: _LazyBase({"source": src, "dtype": model.get("dtype", "float32")})
+              for src in (cfg.get("transfer_models") or []) if evaluator is not None}
+    transfer = {src: (lambda lazy=lazy: lazy.pipe) for src, lazy in others.items()}
     candidate = cfg.get("candidate_alias")
     checked = {}  # result key -> (version already registered, or None; membrane; validation report)
     for r in results:
@@ -125,7 +128,7 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         unet = pipe.unet if pipe is not None else base.skeleton_unet()
         membrane, report = validate(r.membrane, unet=unet, family=family, base_fingerprint=fingerprint,
                                     evaluator=evaluator, pipe=pipe, concept_spec=specs.get(r.concept),
-                                    gates=registry_gates(cfg, r.concept))
+                                    gates=registry_gates(cfg, r.concept), transfer=transfer)
         checked[r.key] = (None, membrane, report)
     if cfg.get("select", "all") == "best":
         publication.unselected.update(select_best(results, checked))
@@ -167,14 +170,18 @@ def _register_all(reg: Registry, results, concepts, trainer, model, family, fing
         if version.new:  # logging known bytes again would move W&B's own `latest` back to an old version
             tracker.log_membrane(version, reg.blobs.url_of(version.sha256))
     base.close()
+    for lazy in others.values():
+        lazy.close()
 
 
 def candidate_score(report) -> tuple:
     """Order of a concept's candidates: passed before not evaluated before failed, then the larger target
-    drop minus preservation drop (the erasure it buys net of what it costs)."""
+    drop minus preservation drop (the erasure it buys net of what it costs), on the worst of the base and
+    the transfer models it was validated on."""
     rank = {"passed": 0, "not_evaluated": 1}.get(report.status, 2)
-    m = report.metrics
-    net = m.get("target_drop", m.get("erasure_rate", 0.0)) - m.get("preservation_drop", 0.0)
+    nets = [m.get("target_drop", m.get("erasure_rate", 0.0)) - m.get("preservation_drop", 0.0)
+            for m in transfer_metrics(report.metrics).values()]
+    net = min(nets)
     return (rank, -net if math.isfinite(net) else math.inf)
 
 
@@ -267,9 +274,21 @@ def check_registry_config(cfg: Mapping[str, Any], concepts: Sequence[str]) -> li
         elif not valid_alias(alias):
             problems.append(f"registry.candidate_alias={alias}: {ALIAS_RULE}")
     try:
-        load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
+        evaluator = load_evaluator(cfg.get("evaluator"), cfg.get("evaluator_options"))
     except ConfigError as exc:
         problems += exc.problems
+        evaluator = False
+    transfer = cfg.get("transfer_models") or []
+    if not isinstance(transfer, Sequence) or isinstance(transfer, str) or not all(
+            isinstance(t, str) and t.strip() for t in transfer):
+        problems.append(f"registry.transfer_models must be a list of model sources, got {transfer!r}")
+    else:
+        repeated = sorted({t for t in transfer if list(transfer).count(t) > 1})
+        if repeated:
+            problems.append(f"registry.transfer_models lists {', '.join(repeated)} more than once")
+        if transfer and evaluator is None:
+            problems.append("registry.transfer_models need an evaluator (registry.evaluator, or eval.enabled "
+                            "in a bulk run): transfer is measured behaviour")
     return problems
 
 

@@ -6,7 +6,9 @@ base family's membrane layout, every value is finite. Behavioural checks call a 
     evaluate(pipe, membrane, concept_spec) -> {"erasure_rate": ..., "preservation_drop": ..., ...}
 
 and compare its numbers with gates. Without an evaluator the behavioural result is recorded as
-``not_evaluated``: a version is never marked as passed on a check that did not run.
+``not_evaluated``: a version is never marked as passed on a check that did not run. With transfer models
+(other models of the family the membrane is meant for), the same evaluator and gates run on each of them
+too, and the behaviour passes only where every model passes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..membrane import (FORMAT_VERSION, OFFICIAL_SOURCE, Membrane, MembraneBank,
 logger = logging.getLogger(__name__)
 
 PASSED, FAILED, NOT_EVALUATED = "passed", "failed", "not_evaluated"
+TRANSFER_PREFIX = "transfer"  # a transfer model's metrics: transfer/<model>/<metric>
 
 
 class Evaluator(Protocol):
@@ -65,6 +68,8 @@ class ValidationReport:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     gates: dict[str, float] = field(default_factory=dict)
+    # transfer model -> its behavioural result (its metrics are under "transfer/<model>/<metric>")
+    transfer: dict[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -181,9 +186,13 @@ def check_behaviour(evaluator: Evaluator | None, pipe, membrane: Membrane, conce
 
 
 def validate(source: str | Membrane, *, unet=None, family: str | None = None, base_fingerprint: str | None = None,
-             evaluator: Evaluator | None = None, pipe=None, concept_spec=None,
-             gates: Gates | None = None) -> tuple[Membrane | None, ValidationReport]:
-    """Structural then behavioural validation; behaviour is only evaluated on a structurally sound membrane."""
+             evaluator: Evaluator | None = None, pipe=None, concept_spec=None, gates: Gates | None = None,
+             transfer: Mapping[str, Callable[[], Any]] | None = None
+             ) -> tuple[Membrane | None, ValidationReport]:
+    """Structural then behavioural validation; behaviour is only evaluated on a structurally sound membrane.
+
+    ``transfer`` maps a name to a function returning another pipeline of the same family: the membrane
+    must fit its UNet and pass the same gates there, or the behaviour fails with the model named."""
     gates = gates or Gates()
     membrane, reasons = check_structure(source, unet=unet, family=family, base_fingerprint=base_fingerprint)
     report = ValidationReport(structural=FAILED if reasons else PASSED, reasons=list(reasons),
@@ -191,9 +200,39 @@ def validate(source: str | Membrane, *, unet=None, family: str | None = None, ba
     if report.structural == PASSED and evaluator is not None:
         report.behavioural, report.metrics, extra = check_behaviour(evaluator, pipe, membrane, concept_spec, gates)
         report.reasons += extra
+        for name, load in (transfer or {}).items():
+            status, metrics, extra = _check_transfer(evaluator, load, membrane, concept_spec, gates)
+            report.transfer[name] = status
+            report.metrics.update({f"{TRANSFER_PREFIX}/{name}/{k}": v for k, v in metrics.items()})
+            report.reasons += [f"on {name}: {r}" for r in extra]
+            if status == FAILED:
+                report.behavioural = FAILED
     elif evaluator is None:
         report.reasons.append("behaviour: not evaluated (no evaluator configured)")
     return membrane, report
+
+
+def _check_transfer(evaluator: Evaluator, load: Callable[[], Any], membrane: Membrane, concept_spec,
+                    gates: Gates) -> tuple[str, dict[str, float], list[str]]:
+    """``check_behaviour`` on a transfer model, after checking that the membrane fits its UNet."""
+    pipe = load()
+    problems = _layout_problems(membrane, pipe.unet)
+    if problems:
+        return FAILED, {}, problems
+    return check_behaviour(evaluator, pipe, membrane, concept_spec, gates)
+
+
+def transfer_metrics(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """A report's metrics per model: ``""`` for the base, then each transfer model by name."""
+    models: dict[str, dict[str, float]] = {"": {}}
+    for key, value in metrics.items():
+        head, _, rest = key.partition("/")
+        if head == TRANSFER_PREFIX and "/" in rest:
+            name, _, metric = rest.rpartition("/")
+            models.setdefault(name, {})[metric] = value
+        else:
+            models[""][key] = value
+    return models
 
 
 def load_evaluator(spec: str | None, options: Mapping[str, Any] | None = None) -> Evaluator | None:

@@ -159,6 +159,16 @@ def test_registry_settings_are_checked_before_any_training():
         "registry.candidate_alias=v2: letters, digits, _ . - (and not of the form vN)"]
     assert check_registry_config({"min_target_drop": 3.0}, ["red"]) == [
         "registry gate min_target_drop of 'red' is 3.0; rates and drops lie in [-1, 1]"]
+    evaluator = "spm_train.registry.evaluators:toyworld"
+    variant = ["toyworld:variant"]
+    assert check_registry_config({"transfer_models": variant, "evaluator": evaluator}, ["red"]) == []
+    assert check_registry_config({"transfer_models": variant}, ["red"]) == [
+        "registry.transfer_models need an evaluator (registry.evaluator, or eval.enabled in a bulk run): "
+        "transfer is measured behaviour"]
+    assert check_registry_config({"transfer_models": variant[0], "evaluator": evaluator}, ["red"]) == [
+        "registry.transfer_models must be a list of model sources, got 'toyworld:variant'"]
+    assert check_registry_config({"transfer_models": ["a", "a"], "evaluator": evaluator}, ["red"]) == [
+        "registry.transfer_models lists a more than once"]
 
 
 def test_wandb_mode_disabled_in_the_environment_turns_tracking_off(tmp_path, monkeypatch):

@@ -153,3 +153,44 @@ def test_the_toyworld_adapter_feeds_the_evaluation_suite_into_the_gate(tiny_pipe
     assert report.metrics["erasure_rate"] == 1.0 and report.metrics["preservation_drop"] == 0.0
     assert report.metrics["samples"] == 1.0
     assert report.status == PASSED and report.reasons == []
+
+
+def test_transfer_models_pass_the_same_gates_or_the_behaviour_fails_naming_the_model(tiny_pipe, base_info,
+                                                                                      membrane_file):
+    """``transfer``: the same evaluator and gates on other models of the family; their metrics are kept under
+    transfer/<model>/, a failure there fails the version with the model named, and a model the membrane
+    does not fit fails on its layout. Candidates rank by their worst model."""
+    from spm_train.architectures import tiny_pipeline
+    from spm_train.registry.publish import candidate_score
+    from spm_train.registry.validate import ValidationReport, transfer_metrics
+
+    variant, other_family = tiny_pipeline("sd1"), tiny_pipeline("sd2")
+
+    def evaluator(pipe, membrane, concept_spec):
+        return {"erasure_rate": 0.5 if pipe is variant else 0.9, "preservation_drop": 0.02}
+
+    loads = []
+    gates = Gates(min_erasure=0.8, max_preservation_drop=0.05)
+    kwargs = dict(unet=tiny_pipe.unet, family="sd1", base_fingerprint=base_info["fingerprint"],
+                  pipe=tiny_pipe, evaluator=evaluator, gates=gates)
+    path = membrane_file("snoopy", 0)
+    _, report = validate(path, transfer={"variant": lambda: loads.append(1) or variant}, **kwargs)
+    assert (report.status, report.transfer, loads) == (FAILED, {"variant": FAILED}, [1])
+    assert report.reasons == ["on variant: erasure_rate 0.5 < min_erasure 0.8"]
+    assert report.metrics["erasure_rate"] == 0.9 and report.metrics["transfer/variant/erasure_rate"] == 0.5
+    assert transfer_metrics(report.metrics) == {"": {"erasure_rate": 0.9, "preservation_drop": 0.02},
+                                                "variant": {"erasure_rate": 0.5, "preservation_drop": 0.02}}
+    _, report = validate(path, transfer={"same": lambda: tiny_pipe, "sd2": lambda: other_family}, **kwargs)
+    assert report.transfer == {"same": PASSED, "sd2": FAILED} and report.status == FAILED
+    assert len(report.reasons) == 1 and report.reasons[0].startswith("on sd2: layout:")
+    assert ValidationReport.from_dict(json.loads(json.dumps(report.to_dict()))).transfer == report.transfer
+    _, report = validate(path, transfer={"same": lambda: tiny_pipe}, **kwargs)
+    assert report.status == PASSED and report.transfer == {"same": PASSED}
+
+    strong = ValidationReport(behavioural=PASSED, metrics={"target_drop": 0.9, "preservation_drop": 0.0,
+                                                           "transfer/v/target_drop": 0.3,
+                                                           "transfer/v/preservation_drop": 0.0})
+    even = ValidationReport(behavioural=PASSED, metrics={"target_drop": 0.7, "preservation_drop": 0.0,
+                                                         "transfer/v/target_drop": 0.6,
+                                                         "transfer/v/preservation_drop": 0.0})
+    assert candidate_score(even) < candidate_score(strong)  # 0.6 on its worst model beats 0.3
