@@ -179,8 +179,9 @@ def candidate_score(report) -> tuple:
     drop minus preservation drop (the erasure it buys net of what it costs), on the worst of the base and
     the transfer models it was validated on."""
     rank = {"passed": 0, "not_evaluated": 1}.get(report.status, 2)
+    models = transfer_metrics(report.metrics)
     nets = [m.get("target_drop", m.get("erasure_rate", 0.0)) - m.get("preservation_drop", 0.0)
-            for m in transfer_metrics(report.metrics).values()]
+            for name, m in models.items() if not name or m.get("drawable") != 0]  # nothing to erase there
     net = min(nets)
     return (rank, -net if math.isfinite(net) else math.inf)
 

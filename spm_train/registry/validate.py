@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 PASSED, FAILED, NOT_EVALUATED = "passed", "failed", "not_evaluated"
 TRANSFER_PREFIX = "transfer"  # a transfer model's metrics: transfer/<model>/<metric>
+UNDRAWN = "undrawn"  # a transfer model that draws the concept on none of the probes
 
 
 class Evaluator(Protocol):
@@ -165,6 +166,12 @@ def check_behaviour(evaluator: Evaluator | None, pipe, membrane: Membrane, conce
     except Exception as exc:  # an evaluator crash fails this version, not the run
         logger.exception("evaluator failed on %s", membrane.name)
         return FAILED, {}, [f"evaluation error: {type(exc).__name__}: {exc}"]
+    reasons = gate_problems(metrics, gates)
+    return (FAILED if reasons else PASSED), metrics, reasons
+
+
+def gate_problems(metrics: Mapping[str, float], gates: Gates) -> list[str]:
+    """Every gate the evaluator's ``metrics`` miss."""
     reasons = []
     erasure = metrics.get("erasure_rate")
     drop = metrics.get("preservation_drop")
@@ -182,7 +189,7 @@ def check_behaviour(evaluator: Evaluator | None, pipe, membrane: Membrane, conce
             reasons.append("evaluation: no finite target_drop (needed by min_target_drop)")
         elif target_drop < gates.min_target_drop:
             reasons.append(f"target_drop {target_drop:.4g} < min_target_drop {gates.min_target_drop:.4g}")
-    return (FAILED if reasons else PASSED), metrics, reasons
+    return reasons
 
 
 def validate(source: str | Membrane, *, unet=None, family: str | None = None, base_fingerprint: str | None = None,
@@ -214,16 +221,24 @@ def validate(source: str | Membrane, *, unet=None, family: str | None = None, ba
 
 def _check_transfer(evaluator: Evaluator, load: Callable[[], Any], membrane: Membrane, concept_spec,
                     gates: Gates) -> tuple[str, dict[str, float], list[str]]:
-    """``check_behaviour`` on a transfer model, after checking that the membrane fits its UNet."""
+    """``check_behaviour`` on a transfer model, after checking that the membrane fits its UNet. A model
+    that draws the concept on none of the probes (the evaluator's ``drawable`` is 0) leaves nothing to
+    erase: only its preservation is gated there, and the model is recorded as ``UNDRAWN``."""
     pipe = load()
     problems = _layout_problems(membrane, pipe.unet)
     if problems:
         return FAILED, {}, problems
-    return check_behaviour(evaluator, pipe, membrane, concept_spec, gates)
+    status, metrics, reasons = check_behaviour(evaluator, pipe, membrane, concept_spec, gates)
+    if metrics and metrics.get("drawable") == 0:
+        keep = Gates(min_erasure=0.0, max_preservation_drop=gates.max_preservation_drop, min_target_drop=0.0)
+        reasons = gate_problems(metrics, keep)
+        status = FAILED if reasons else UNDRAWN
+    return status, metrics, reasons
 
 
 def transfer_metrics(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """A report's metrics per model: ``""`` for the base, then each transfer model by name."""
+    """A report's metrics per model: ``""`` for the base, then each transfer model by name (models whose
+    ``drawable`` is 0 included: callers that rank by erasure leave those out)."""
     models: dict[str, dict[str, float]] = {"": {}}
     for key, value in metrics.items():
         head, _, rest = key.partition("/")

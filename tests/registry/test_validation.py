@@ -194,3 +194,19 @@ def test_transfer_models_pass_the_same_gates_or_the_behaviour_fails_naming_the_m
                                                          "transfer/v/target_drop": 0.6,
                                                          "transfer/v/preservation_drop": 0.0})
     assert candidate_score(even) < candidate_score(strong)  # 0.6 on its worst model beats 0.3
+    undrawn = ValidationReport(behavioural=PASSED, metrics={**strong.metrics, "transfer/v/drawable": 0.0})
+    assert candidate_score(undrawn) < candidate_score(even)  # nothing to erase on v: ranked on the base
+
+    def never_drawn(pipe, membrane, concept_spec, drop=0.0):  # the variant never draws the concept
+        if pipe is not variant:
+            return {"erasure_rate": 0.9, "target_drop": 0.8, "preservation_drop": 0.0, "drawable": 3}
+        return {"erasure_rate": 1.0, "target_drop": 0.0, "preservation_drop": drop, "drawable": 0}
+
+    gates = Gates(min_erasure=0.8, max_preservation_drop=0.05, min_target_drop=0.1)
+    kwargs.update(gates=gates, evaluator=never_drawn)
+    _, report = validate(path, transfer={"variant": lambda: variant}, **kwargs)
+    assert (report.status, report.transfer, report.reasons) == (PASSED, {"variant": "undrawn"}, [])
+    kwargs["evaluator"] = lambda *a: never_drawn(*a, drop=0.2)  # its preservation is still gated
+    _, report = validate(path, transfer={"variant": lambda: variant}, **kwargs)
+    assert report.status == FAILED
+    assert report.reasons == ["on variant: preservation_drop 0.2 > max_preservation_drop 0.05"]
