@@ -13,7 +13,6 @@ JSON (``out``), with the trajectory lengths every path trained on.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform

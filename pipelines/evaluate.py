@@ -20,7 +20,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipelines.console import quiet_console
 from pipelines.schema import BulkTrainConfig, check_home, register

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipelines.console import quiet_console
 from pipelines.schema import ModelConfig, PathsConfig, RegistryConfig, check_home, register

@@ -18,7 +18,6 @@ import os
 import time
 from dataclasses import asdict
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import ConceptSpec, TrainerConfig

@@ -1,7 +1,6 @@
 """The bulk job's registry + W&B stage, read back from the offline W&B run."""
 
 import json
-import os
 import subprocess
 import sys
 
