@@ -141,7 +141,9 @@ class ConceptEvaluation:
     gamma_target: float | None
     gamma_nontarget: float | None
     samples: int
-    drawable: int = 0  # probe prompts the base draws the concept in (the ones erasure is counted on)
+    # probe prompts the base draws the concept in (the ones erasure is counted on; with none, every probe
+    # is counted and this is 0)
+    drawable: int = 0
     # the first ``grid_samples`` images of every prompt, without and with the membranes
     images: Pictures | None = field(default=None, repr=False, compare=False)
     equipped: str = "alone"  # "alone" or "all together"
@@ -185,6 +187,7 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
     per_image = scorer.concept_present(before[is_probe], concept).float()
     per_probe = per_image.view(len(probes), settings.samples_per_prompt).mean(dim=1)
     drawable = (per_probe >= settings.draw_threshold).repeat_interleave(settings.samples_per_prompt)
+    drawn = int(drawable.sum()) // settings.samples_per_prompt  # 0 says: nothing to erase on this model
     if not drawable.any():
         logger.warning("%s: the base draws the concept in none of its probes (at least %.0f%% of the time); "
                        "erasure is counted on every probe", concept.name, 100 * settings.draw_threshold)
@@ -199,7 +202,7 @@ def evaluate_concept(pipe, concept: ConceptSpec, membranes: Sequence[Membrane], 
         target_pixel_mse=F.mse_loss(after[is_probe], before[is_probe]).item(),
         gamma_target=None if gamma is None else gamma[is_probe].mean().item(),
         gamma_nontarget=None if gamma is None or not others else gamma[~is_probe].mean().item(),
-        samples=settings.samples_per_prompt, drawable=int(drawable.sum()) // settings.samples_per_prompt,
+        samples=settings.samples_per_prompt, drawable=drawn,
         nontarget_before=None, nontarget_after=None, preservation_drop=None, nontarget_pixel_mse=None,
         nontarget_feature_distance=None,
     )

@@ -152,3 +152,24 @@ def test_the_report_has_a_table_and_a_labelled_grid_per_concept_and_a_self_conta
         assert src.startswith("data:image/png;base64,")
         png = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert png.format == "PNG" and png.size == Image.open(tmp_path / "grids" / f"{name}.png").size
+
+
+def test_a_model_that_never_draws_the_concept_reports_no_drawable_probe(clip):
+    """``drawable`` counts the probes the model draws the concept in; with none (a fine-tune that lost the
+    concept), erasure is still counted on every probe, and ``drawable`` 0 says there was nothing to erase
+    (the registry's transfer check reads it)."""
+
+    class Blind:  # sees the concept in no image
+        def concept_present(self, images, concept):
+            return torch.zeros(images.shape[0], dtype=torch.bool)
+
+        def prompt_accuracy(self, images, prompts):
+            return clip.prompt_accuracy(images, prompts)
+
+        def features(self, images):
+            return clip.features(images)
+
+    pipe = tiny_pipeline("sd1")
+    blind = evaluate_concept(pipe, SNOOPY, [_membrane(pipe, 0.5)], Blind(), SETTINGS)
+    assert (blind.drawable, blind.target_before, blind.target_drop, blind.erasure_rate) == (0, 0.0, 0.0, 1.0)
+    assert blind.metrics()["drawable"] == 0
