@@ -98,3 +98,33 @@ def test_the_tracker_finishes_its_run_even_when_the_block_fails(tmp_path):
     assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
     with open_tracker({"backend": "disabled"}, root=str(tmp_path)) as t:
         assert t.run_id is None and t.log_history("x", [{"step": 0, "loss": 1.0}]) == 0
+
+
+_TRANSFER_CALLS = []
+
+
+def pipe_counting_evaluator(pipe, membrane, concept_spec):
+    """Erasure 0.9 on the first pipeline it sees (the base), 0.5 on any other."""
+    if not _TRANSFER_CALLS:
+        _TRANSFER_CALLS.append(pipe)
+    return {"erasure_rate": 0.9 if pipe is _TRANSFER_CALLS[0] else 0.5, "preservation_drop": 0.0}
+
+
+def test_publish_validates_on_each_transfer_model_and_fails_a_membrane_that_does_not_hold_there(
+        tmp_path, membrane_file, base_info):
+    results = [_result("snoopy", membrane_file("snoopy", 0)), _result("cat", membrane_file("cat", 1))]
+    concepts = [ConceptSpec("snoopy", "snoopy"), ConceptSpec("cat", "a photo of a cat")]
+    registry = {"enabled": True, "uri": str(tmp_path / "reg"), "blobs": str(tmp_path / "reg" / "blobs"),
+                "min_erasure": 0.8, "max_preservation_drop": 0.05, "gates": {"cat": {"min_erasure": 0.4}},
+                "evaluator": f"{__name__}:pipe_counting_evaluator", "transfer_models": ["random:sd1"]}
+    _TRANSFER_CALLS.clear()
+    publish_results(results, concepts=concepts, trainer=TrainerConfig(), model={"source": "random:sd1"},
+                    family="sd1", base_fingerprint=base_info["fingerprint"], registry=registry,
+                    tracking={"backend": "disabled"}, root=str(tmp_path))
+    reg = Registry.open(tmp_path / "reg")
+    snoopy, cat = reg.resolve("snoopy:v1"), reg.resolve("cat:v1")
+    assert snoopy.status == "failed" and snoopy.validation["transfer"] == {"random:sd1": "failed"}
+    assert snoopy.validation["reasons"] == ["on random:sd1: erasure_rate 0.5 < min_erasure 0.8"]
+    assert cat.status == "passed" and cat.validation["transfer"] == {"random:sd1": "passed"}  # its gate: 0.4
+    assert cat.metrics["erasure_rate"] == 0.9 and cat.metrics["transfer/random:sd1/erasure_rate"] == 0.5
+    assert results[0].status == "failed" and results[1].status != "failed"
