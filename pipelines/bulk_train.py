@@ -123,7 +123,7 @@ def _check_transfer_models(cfg: DictConfig, model: dict[str, Any], family: str) 
     from spm_train.errors import ModelLoadError
     from spm_train.models import detect_family, load_base_model
 
-    if not (cfg.registry.enabled and _registry_section(cfg).get("evaluator")):
+    if not _validates_behaviour(cfg):
         return
     problems = []
     for source in cfg.registry.get("transfer_models") or []:
@@ -268,8 +268,7 @@ def _check_stages(cfg: DictConfig, concepts: list) -> list[str]:
         problems += check_eval_config(cfg, concepts)
         if cfg.registry.enabled:
             problems += check_registry_config(_registry_section(cfg), [c.name for c in concepts])
-    evaluated = bool(cfg.registry.enabled and _registry_section(cfg).get("evaluator"))
-    problems += check_objective(cfg.objective, evaluated=evaluated, sweeping=_multirun())
+    problems += check_objective(cfg.objective, evaluated=_validates_behaviour(cfg), sweeping=_multirun())
     return problems
 
 
@@ -395,6 +394,11 @@ def _objective(name: str, results: list[ConceptResult], published) -> float:
 
 def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _validates_behaviour(cfg: DictConfig) -> bool:
+    """Whether the registry stage runs an evaluator (its own, or the eval config's)."""
+    return bool(cfg.registry.enabled and _registry_section(cfg).get("evaluator"))
 
 
 def _registry_section(cfg: DictConfig) -> dict:

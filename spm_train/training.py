@@ -657,6 +657,7 @@ class PackTrainer:
         which parameters require gradients, train/eval mode); also after a setup that failed part way."""
         if getattr(self, "bank", None) is not None:
             self.bank.detach()
+        self.noisy = []  # the clean copy of the base's weights (weight_noise) is not needed any more
         if getattr(self, "made_channels_last", False):
             self.unet.to(memory_format=torch.contiguous_format)
             self.made_channels_last = False
