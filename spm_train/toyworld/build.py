@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..io import atomic_output
 from . import ASSETS
 from . import classifier as clf
 from .model import (encode_prompts, link_shared_components, make_pipeline, make_scheduler, make_text_encoder,
@@ -90,11 +91,17 @@ def _progress_lr(step: int, warmup: int, progress: float, floor: float = 0.05) -
     return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _save_state(module: torch.nn.Module, path: Path, **meta) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, **meta) -> None:
+    """Write safetensors under a temporary name and rename: a kill mid-save keeps the previous file."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={k: str(v) for k, v in meta.items()})
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in meta.items()})
+
+
+def _save_state(module: torch.nn.Module, path: Path, **meta) -> None:
+    _save_tensors(module.state_dict(), path, **meta)
 
 
 def _load_state(module: torch.nn.Module, path: Path) -> dict:
@@ -104,6 +111,33 @@ def _load_state(module: torch.nn.Module, path: Path) -> dict:
     module.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
+
+
+def _training_state(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Modules' weights and the optimizer's per-parameter moments, flat, for one safetensors checkpoint."""
+    flat = {f"{name}/{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    for i, state in opt.state_dict()["state"].items():
+        flat.update({f"opt/{i}/{k}": torch.as_tensor(v) for k, v in state.items()})
+    return flat
+
+
+def _restore_training_state(flat: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module],
+                            opt: torch.optim.Optimizer) -> None:
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(f"{name}/")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        if key.startswith("opt/"):
+            _, i, k = key.split("/", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def _step_streams(seed: int, step: int) -> tuple[torch.Generator, np.random.Generator]:
+    """Random streams of one training step, from (seed, step) alone: a resumed run draws what an
+    uninterrupted one would."""
+    entropy = np.random.SeedSequence([seed, step]).generate_state(2)
+    return torch.Generator().manual_seed(int(entropy[0])), np.random.default_rng(int(entropy[1]))
 
 
 class _EMA:
@@ -230,10 +264,11 @@ class _CaptionSampler:
         self.rng = np.random.default_rng(seed)
         self.cache: dict[str, torch.Tensor] = {}
 
-    def ids(self, idx: np.ndarray) -> torch.Tensor:
+    def ids(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+        rng = self.rng if rng is None else rng
         out = []
         for i in idx:
-            text = "" if self.rng.random() < self.dropout else caption(self.scenes[i], self.rng)
+            text = "" if rng.random() < self.dropout else caption(self.scenes[i], rng)
             if text not in self.cache:
                 self.cache[text] = self.tokenizer(text, padding="max_length", truncation=True,
                                                   max_length=self.tokenizer.model_max_length,
@@ -276,19 +311,24 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
         _load_state(ema.shadow[1], work / "text_ema.safetensors")
         log.info("unet: reusing %s", final)
         return ema.shadow[0], ema.shadow[1]
-    start, elapsed_before, ckpt = 0, 0.0, work / "unet_ckpt.safetensors"
-    if ckpt.exists():
-        meta = _load_state(unet, ckpt)
-        start, elapsed_before = int(meta["step"]), float(meta["elapsed_s"])
-        _load_state(text_encoder, work / "text_ckpt.safetensors")
-        _load_state(ema.shadow[0], work / "unet_ckpt_ema.safetensors")
-        _load_state(ema.shadow[1], work / "text_ckpt_ema.safetensors")
-        log.info("unet: resuming from step %d", start)
     scheduler = make_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    captions = _CaptionSampler(scenes, tokenizer, cfg.seed + 2 + start, cfg.caption_dropout)
-    gen = torch.Generator().manual_seed(cfg.seed + 3 + start)
+    # One checkpoint file holds weights, EMA and the optimizer's moments, and every step's noise and captions
+    # come from (seed, step): under a step plan (--unet-minutes 0) a build killed at any point resumes from its
+    # last checkpoint to the weights an uninterrupted build reaches, so a long CPU build can span sessions.
+    modules = {"unet": unet, "text": text_encoder, "unet_ema": ema.shadow[0], "text_ema": ema.shadow[1]}
+    start, elapsed_before, ckpt = 0, 0.0, work / "unet_ckpt.safetensors"
+    if ckpt.exists():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        _restore_training_state(load_file(str(ckpt)), modules, opt)
+        with safe_open(str(ckpt), "pt") as f:
+            meta = f.metadata() or {}
+        start, elapsed_before = int(meta["step"]), float(meta["elapsed_s"])
+        log.info("unet: resuming from step %d", start)
+    captions = _CaptionSampler(scenes, tokenizer, cfg.seed + 2, cfg.caption_dropout)
     # The schedule runs on max(step progress, time progress): on a shared 2-core machine the speed varies, and
     # the cosine must still reach its floor when the time budget (--unet-minutes) runs out.
     budget_s = cfg.unet_minutes * 60 if cfg.unet_minutes > 0 else float("inf")
@@ -302,9 +342,11 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
             break
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _progress_lr(step, cfg.warmup, progress)
+        gen, rng = _step_streams(cfg.seed + 3, step)
         idx = torch.randint(len(latents_mean), (cfg.batch,), generator=gen)
         lat = latents_mean[idx] + latents_std[idx] * torch.randn(latents_std[idx].shape, generator=gen)
-        loss = _diffusion_step(unet, text_encoder, scheduler, lat, captions.ids(idx.numpy()), gen, cfg.device)
+        loss = _diffusion_step(unet, text_encoder, scheduler, lat, captions.ids(idx.numpy(), rng), gen,
+                               cfg.device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,15 +360,13 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
             gap = _guidance_gap(ema.shadow[0], ema.shadow[1], tokenizer, scheduler, latents_mean[:256],
                                 scenes[:256], cfg.device, cfg.seed)
             log.info("unet step %d: EMA cond/uncond gap |e_c - e_u| / |e_u| = %.3f", step + 1, gap)
-            _save_state(unet, ckpt, step=step + 1, elapsed_s=elapsed_before + time.time() - t_start)
-            _save_state(text_encoder, work / "text_ckpt.safetensors")
-            _save_state(ema.shadow[0], work / "unet_ckpt_ema.safetensors")
-            _save_state(ema.shadow[1], work / "text_ckpt_ema.safetensors")
+            _save_tensors(_training_state(modules, opt), ckpt, step=step + 1,
+                          elapsed_s=elapsed_before + time.time() - t_start)
     log.info("unet: trained %d steps in %.1f min", step + 1 - start, (time.time() - t_start) / 60)
-    _save_state(ema.shadow[0], final)
-    _save_state(ema.shadow[1], work / "text_ema.safetensors")
     _save_state(unet, work / "unet_raw.safetensors")
     _save_state(text_encoder, work / "text_raw.safetensors")
+    _save_state(ema.shadow[1], work / "text_ema.safetensors")
+    _save_state(ema.shadow[0], final)  # last: its presence marks the stage done
     return ema.shadow[0], ema.shadow[1]
 
 
@@ -417,6 +457,8 @@ def _parse(argv=None) -> BuildConfig:
     p.add_argument("--steps", type=int, default=BuildConfig.steps, help="UNet training steps (upper bound)")
     p.add_argument("--unet-minutes", type=float, default=BuildConfig.unet_minutes,
                    help="time budget for UNet training; the step plan is fitted to it (0: no budget)")
+    p.add_argument("--checkpoint-every", type=int, default=BuildConfig.checkpoint_every,
+                   help="UNet steps between checkpoints (a killed build resumes from the last one)")
     p.add_argument("--batch", type=int, default=BuildConfig.batch, help="UNet training batch")
     p.add_argument("--lr", type=float, default=BuildConfig.lr, help="UNet + text encoder peak learning rate")
     p.add_argument("--max-rotation", type=float, default=BuildConfig.max_rotation,
@@ -430,7 +472,7 @@ def _parse(argv=None) -> BuildConfig:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     cfg = BuildConfig(out=a.out, work_dir=a.work_dir, seed=a.seed, device=a.device, steps=a.steps,
-                      unet_minutes=a.unet_minutes, batch=a.batch, lr=a.lr,
+                      unet_minutes=a.unet_minutes, batch=a.batch, lr=a.lr, checkpoint_every=a.checkpoint_every,
                       max_rotation=None if a.max_rotation < 0 else a.max_rotation)
     if a.smoke:
         cfg = BuildConfig(out=a.out, work_dir=a.work_dir, seed=a.seed, device=a.device, pool_size=600,

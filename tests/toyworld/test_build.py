@@ -1,0 +1,56 @@
+"""The build's UNet stage resumes exactly: a long CPU build may be killed and continued in another session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spm_train.toyworld import build as tw_build
+from spm_train.toyworld.render import make_batch
+
+
+class _Killed(Exception):
+    pass
+
+
+def _run(cfg, work, kill_after_first_checkpoint=False, monkeypatch=None):
+    _, _, scenes = make_batch(16, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(16, 4, 8, 8, generator=gen), torch.rand(16, 4, 8, 8, generator=gen) * 0.1
+    tokenizer = tw_build.make_tokenizer(work / "tokenizer")
+    if kill_after_first_checkpoint:
+        real = tw_build._save_tensors
+
+        def save_then_die(tensors, path, **meta):
+            real(tensors, path, **meta)
+            raise _Killed
+
+        monkeypatch.setattr(tw_build, "_save_tensors", save_then_die)
+    return tw_build._stage_unet(cfg, mean, std, scenes, tokenizer, work)
+
+
+def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    cfg = tw_build.BuildConfig(steps=6, unet_minutes=0, batch=4, warmup=2, checkpoint_every=3)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    unet_a, text_a = _run(cfg, straight)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    with pytest.raises(_Killed):
+        _run(cfg, resumed, kill_after_first_checkpoint=True, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    ckpt = load_file(str(resumed / "unet_ckpt.safetensors"))
+    assert any(k.startswith("opt/") and k.endswith("/exp_avg_sq") for k in ckpt), "optimizer moments are saved"
+    assert not (resumed / "unet_ema.safetensors").exists()
+    unet_b, text_b = _run(cfg, resumed)
+
+    for a, b in ((unet_a, unet_b), (text_a, text_b)):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(pa, pb), name
+    raw_a, raw_b = load_file(str(straight / "unet_raw.safetensors")), load_file(str(resumed / "unet_raw.safetensors"))
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+    # the run did train: the resumed weights are not the initial ones
+    init = tw_build.make_unet(cfg.seed).state_dict()
+    assert any(not torch.equal(init[k], raw_b[k]) for k in init)
