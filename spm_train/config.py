@@ -149,6 +149,11 @@ class TrainerConfig:
     # redrawn every iteration: the membrane learns to erase on a neighbourhood of the base, which is where
     # fine-tunes of it lie (transfer); 0: the base as it is
     weight_noise: float = 0.0
+    # gated membranes (gate "token") act on the end-of-text and padding positions, where the causal text
+    # encoder sums up the prompt, and every gated membrane open on a prompt acts there together: the weight of
+    # the relative energy of this membrane's edit of cross-attention keys and values at those positions on the
+    # erase rows, |delta|^2 / |base|^2 averaged over layers, in units of the latent MSE (0: off)
+    tail_penalty: float = 0.0
     corpus: str | None = None
     corpus_size: int = 2000
     anchor_batch: str = "project"
@@ -186,7 +191,7 @@ class TrainerConfig:
             positive(name)
         for name in ("weight_decay", "lr_warmup_steps", "la_strength", "anchors_per_step",
                      "max_grad_norm", "checkpoint_every", "trajectory_guidance", "micro_batch",
-                     "phrasings", "prompt_anchors", "weight_noise"):
+                     "phrasings", "prompt_anchors", "weight_noise", "tail_penalty"):
             positive(name, allow_zero=True)
         for name in ("iterations", "batch_size", "rank", "max_denoising_steps", "anchors_per_step",
                      "lr_warmup_steps", "lr_cycles", "checkpoint_every", "log_every", "seed", "micro_batch",
@@ -225,6 +230,9 @@ class TrainerConfig:
             problems.append(f"scope {self.scope!r} is not one of {list(SCOPES)}")
         if self.gate not in GATES:
             problems.append(f"gate {self.gate!r} is not one of {list(GATES)}")
+        elif self.tail_penalty and self.gate != "token":
+            problems.append(f"tail_penalty acts on the end-of-text positions that gate \"token\" opens; gate is "
+                            f"{self.gate!r} (set gate: token or tail_penalty: 0)")
         if self.resolution is not None and (
             not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8
         ):
@@ -262,8 +270,9 @@ class TrainerConfig:
             data.pop("gate")
         if data["phrasing_guidance"] is None:  # as for gates: older keys stay valid
             data.pop("phrasing_guidance")
-        if data["weight_noise"] == 0:
-            data.pop("weight_noise")
+        for name in ("weight_noise", "tail_penalty"):
+            if data[name] == 0:
+                data.pop(name)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -98,11 +98,56 @@ class _Concept:
     anchor_prompts: list[str] = field(default_factory=list)
     calibration: object | None = None  # transport calibration (spm_train.transport.Calibration), when known
     gate_reference: tuple | None = None  # the concept's encoding for token gates (transport.concept_reference)
+    target_tail: torch.Tensor | None = None  # [1, tokens]: end-of-text and padding positions (tail_penalty)
+    phrasing_tail: torch.Tensor | None = None  # [pool, tokens], as phrasing_pos
 
     @property
     def erase_rows(self) -> int:
         """Membrane-on erase samples per batch element: the target and its phrasings."""
         return 1 + self.num_phrasings
+
+
+class _TailEnergy:
+    """Per membrane-on row, the relative energy of the membranes' edit of cross-attention keys and values at
+    the positions ``mask`` marks: ``sum |delta|^2 / sum |base|^2`` over those positions, averaged over the
+    layers that read the prompt (``TrainerConfig.tail_penalty``). Forward hooks, so every routing path of the
+    bank (gathered, one-hot, DeepSpeed) is measured alike; nothing is hooked when ``mask`` is None."""
+
+    def __init__(self, bank, mask: torch.Tensor | None):
+        self.mask, self.hooks, self.parts = mask, [], []
+        self.layers = [layer for layer in bank.layers.values() if layer.reads_text] if mask is not None else []
+        self.window: torch.Tensor | None = None
+
+    def __enter__(self) -> "_TailEnergy":
+        self.hooks = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.parts = [], []
+
+    def rows(self, lo: int, hi: int) -> None:
+        self.window = None if self.mask is None else self.mask[lo:hi]
+        self.parts = []
+
+    def _hook(self, layer, args, output) -> None:
+        x = args[0]
+        if self.window is None or x.dim() != 3 or x.shape[:2] != self.window.shape:
+            return
+        with torch.no_grad():
+            base = layer.base_layer(x).float()
+        m = self.window.to(x.device, torch.float32)
+        delta = output.float() - base
+        energy = (delta.pow(2).sum(-1) * m).sum(-1) / (base.pow(2).sum(-1) * m).sum(-1).clamp(min=1e-12)
+        self.parts.append(energy)
+
+    def collect(self) -> torch.Tensor:
+        if not self.parts:
+            raise RuntimeError("tail_penalty: no layer that reads the prompt was called on the membrane-on batch")
+        out = torch.stack(self.parts).mean(0)
+        self.parts = []
+        return out
 
 
 @dataclass
@@ -264,6 +309,11 @@ class PackTrainer:
         concept.target = gated(concept.target, [spec.target])
         if concept.phrasing_pos is not None:
             concept.phrasing_pos = gated(concept.phrasing_pos, concept.phrasing_prompts)
+        if self.cfg.tail_penalty:
+            dev = concept.target.hidden.device
+            concept.target_tail = self.model.tail_mask(spec.target).unsqueeze(0).to(dev)
+            if concept.phrasing_pos is not None:
+                concept.phrasing_tail = torch.stack([self.model.tail_mask(p) for p in concept.phrasing_prompts]).to(dev)
         if concept.anchor_pool is not None:
             concept.anchor_pool = gated(concept.anchor_pool, concept.anchor_prompts)
 
@@ -446,7 +496,8 @@ class PackTrainer:
             if c.num_phrasings:
                 pick = torch.randint(len(c.phrasing_pos), (c.num_phrasings,), generator=c.pick_rng)
                 pick = pick.to(c.phrasing_pos.hidden.device)
-                phrasings = (c.phrasing_pos.index(pick), c.phrasing_neu.index(pick))
+                phrasings = (c.phrasing_pos.index(pick), c.phrasing_neu.index(pick),
+                             None if c.phrasing_tail is None else c.phrasing_tail[pick])
             draws.append((t_to, noise, anchors, phrasings))  # DDIM starts from unit-variance noise
         return draws
 
@@ -485,16 +536,22 @@ class PackTrainer:
         B, dev = cfg.batch_size, self.device
         off_embeds, on_embeds = [], []
         off_x, off_t, on_x, on_t = [], [], [], []
+        tails = []  # per membrane-on row: the positions tail_penalty weighs (none on anchor rows)
         for c, (t_to, _, anchors, phrasings), x in zip(self.concepts, draws, latents):
             t = self.schedule.train_timestep(t_to, cfg.max_denoising_steps)
             na, ne = c.num_anchors, B * c.erase_rows
             ax = x[layout["anchor_rows"][na]]
             ex = x.repeat(c.erase_rows, *[1] * (x.dim() - 1))
             positive, neutral, target = c.positive.repeat(B), c.neutral.repeat(B), c.target.repeat(B)
+            tail = [c.target_tail.repeat_interleave(B, 0)] if c.target_tail is not None else []
             if phrasings is not None:  # phrasing j erased on every batch element: rows ordered j-major
-                pos, neu = (p.repeat(B) for p in phrasings)
+                pos, neu = (p.repeat(B) for p in phrasings[:2])
                 positive, neutral = PromptEmbeds.cat([positive, pos]), PromptEmbeds.cat([neutral, neu])
                 target = PromptEmbeds.cat([target, pos])
+                if tail:
+                    tail.append(phrasings[2].repeat_interleave(B, 0))
+            if tail:
+                tails += tail + [torch.zeros(na, tail[0].shape[1], dtype=torch.bool, device=tail[0].device)]
             # membrane off: positives, neutrals, anchors
             off_x += [ex, ex, ax]
             off_embeds += [positive, neutral] + ([anchors] if na else [])
@@ -522,14 +579,18 @@ class PackTrainer:
         n = x_on.shape[0]
         chunk = cfg.micro_batch or n
         sq = torch.zeros(n, device=dev, dtype=self.compute_dtype)
-        with record_function("spm.membrane_on"):
+        tail_mask = torch.cat(tails) if tails else None
+        with record_function("spm.membrane_on"), _TailEnergy(self.bank, tail_mask) as tail_energy:
             for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
                 hi = min(lo + chunk, n)
                 self.bank.route(owner[lo:hi], None if e_on.gate is None else e_on.gate[lo:hi])
+                tail_energy.rows(lo, hi)
                 with self.accelerator.autocast():
                     on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
                                             self.resolution).to(self.compute_dtype)
                 err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
+                if tail_mask is not None:  # in units of the latent MSE, as the erase rows' weight divides by numel
+                    err = err + self.cfg.tail_penalty * math.prod(self.latent_shape) * tail_energy.collect()
                 if self.engine is not None:
                     self.engine.backward((err * weight[lo:hi]).sum())
                 else:  # scaled for fp16 on a GPU

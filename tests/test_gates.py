@@ -154,12 +154,12 @@ def toyworld():
     return load_pipeline("base")
 
 
-def _train_red(pipe, gate):
+def _train_red(pipe, gate, **options):
     from spm_train.training import train_membranes
 
     spec = ConceptSpec(name="red", target="red", guidance_scale=16.0)
     trainer = TrainerConfig.preset("toyworld", scope="cross_attention_kv", gate=gate, iterations=6,
-                                   phrasings=1, prompt_anchors=2, checkpoint_every=0)
+                                   phrasings=1, prompt_anchors=2, checkpoint_every=0, **options)
     return train_membranes(pipe, [spec], trainer, progress=False).membranes[0]
 
 
@@ -263,3 +263,56 @@ def test_shared_scaling_splits_the_tail_among_the_membranes_open_on_a_prompt(toy
     alone = _tokens_seen(toyworld, [gated_red], prompts, facilitate=2.0, scaling="shared")
     assert torch.allclose(alone[0, eos:], torch.full_like(alone[0, eos:], 2.0))
     assert alone[0, red].item() == 2.0
+
+
+def _tail_energy(pipe, membrane, prompt="a red square") -> float:
+    """Relative energy of the membrane's key/value edit at the end-of-text and padding positions."""
+    base, edited = _kv_outputs(pipe, [prompt]), _kv_outputs(pipe, [prompt], [membrane])
+    tok = pipe.tokenizer
+    eos = tok(prompt, padding="max_length", max_length=tok.model_max_length).input_ids.index(tok.eos_token_id)
+    return sum(float((e - b)[0, eos:].pow(2).sum() / b[0, eos:].pow(2).sum()) for e, b in zip(edited, base)) / len(base)
+
+
+def test_tail_penalty_shrinks_the_edit_at_the_summary_positions(toyworld, gated_red):
+    """``tail_penalty`` adds the relative energy of the key/value edit at the end-of-text and padding
+    positions of the erase rows to the loss: the membrane trained with it edits them far less."""
+    free = _tail_energy(toyworld, gated_red)
+    assert free > 0
+    penalised = _train_red(toyworld, "token", tail_penalty=1000.0)
+    assert _tail_energy(toyworld, penalised) < 0.5 * free
+    assert penalised.trainer["tail_penalty"] == 1000.0
+
+
+def test_tail_energy_is_the_relative_edit_at_the_marked_positions():
+    from spm_train.architectures import tiny_pipeline
+    from spm_train.membrane import MembraneBank
+    from spm_train.training import _TailEnergy
+
+    unet = tiny_pipeline("sd1").unet
+    bank = MembraneBank.attach(unet, count=2, rank=1, scope="cross_attention_kv")
+    path, layer = next((p, m) for p, m in bank.layers.items() if m.reads_text)
+    with torch.no_grad():
+        layer.up.normal_()
+    x = torch.randn(2, 5, layer.base_layer.in_features)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    with _TailEnergy(bank, mask) as energy:
+        bank.route(torch.tensor([0, 1]), torch.ones(2, 5))
+        energy.rows(0, 2)
+        out = layer(x)
+        got = energy.collect()
+    base = layer.base_layer(x)
+    want = (out - base)[0, 3:].pow(2).sum() / base[0, 3:].pow(2).sum()
+    assert want > 1e-3
+    torch.testing.assert_close(got.detach(), torch.stack([want, torch.tensor(0.0)]).detach(), rtol=1e-5, atol=1e-7)
+    assert got.grad_fn is not None  # the penalty trains the membrane
+    assert not layer._forward_hooks  # hooks go with the context
+
+
+def test_tail_penalty_is_checked_and_keeps_old_keys():
+    with pytest.raises(ConfigError, match="tail_penalty acts on the end-of-text positions"):
+        TrainerConfig(tail_penalty=0.1)
+    with pytest.raises(ConfigError, match="tail_penalty must be >= 0"):
+        TrainerConfig(gate="token", tail_penalty=-1.0)
+    assert TrainerConfig(gate="token").fingerprint() == TrainerConfig(gate="token", tail_penalty=0.0).fingerprint()
+    assert TrainerConfig(gate="token").fingerprint() != TrainerConfig(gate="token", tail_penalty=0.1).fingerprint()
