@@ -394,6 +394,50 @@ def _stage_variant(cfg: BuildConfig, base_unet, text_encoder, vae, tokenizer, wo
     return unet.eval().requires_grad_(False)
 
 
+# ---------------------------------------------------------------------------------- a build in progress
+def checkpoint_pipeline(cfg: BuildConfig):
+    """The UNet stage's latest checkpoint (its EMA weights) as a pipeline with the build's VAE and tokenizer,
+    and the checkpoint's step: how far a long build has come, measured while it runs (checkpoints are
+    written by rename, so a running build never shows a half-written one)."""
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    work = Path(cfg.work_dir)
+    ckpt, vae_path = work / "unet_ckpt.safetensors", work / "vae.safetensors"
+    missing = [str(p) for p in (ckpt, vae_path) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no UNet checkpoint to measure in {work}: {', '.join(missing)} missing "
+                                "(the build writes them at the end of the VAE stage and every --checkpoint-every "
+                                "UNet steps)")
+    vae = _stage_vae(cfg, None, None, None, work)
+    with tempfile.TemporaryDirectory() as tmp:  # the merges are deterministic: the build's token ids
+        tokenizer = make_tokenizer(Path(tmp) / "tokenizer")
+    unet, text_encoder = make_unet(cfg.seed), make_text_encoder(tokenizer, cfg.seed)
+    flat = load_file(str(ckpt))
+    for name, module in (("unet_ema", unet), ("text_ema", text_encoder)):
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(f"{name}/")})
+    with safe_open(str(ckpt), "pt") as f:
+        step = int((f.metadata() or {})["step"])
+    pipe = make_pipeline(vae, text_encoder.eval(), tokenizer, unet.eval()).to(cfg.device)
+    return pipe, step
+
+
+def measure_checkpoint(cfg: BuildConfig, per_combo: int = 1) -> dict:
+    """Generation quality of the latest checkpoint (``per_combo`` images of every combination), written to
+    ``<work-dir>/checkpoint_quality.json`` beside the step it was measured at."""
+    pipe, step = checkpoint_pipeline(cfg)
+    classifier = clf.load_classifier_from(Path(cfg.out) / "classifier", cfg.device)
+    quality = measure_quality(pipe, classifier, per_combo=per_combo, seed=cfg.seed + 30_000,
+                              guidance=cfg.guidance, steps=cfg.sampling_steps, device=cfg.device)
+    report = {"step": step, "per_combo": per_combo, "world": WORLD.name, "quality": quality}
+    with atomic_output(Path(cfg.work_dir) / "checkpoint_quality.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2))
+    log.info("checkpoint at UNet step %d: %s", step, quality)
+    return report
+
+
 # ------------------------------------------------------------------------------------------------- main
 def build(cfg: BuildConfig) -> dict:
     t0 = time.time()
@@ -449,7 +493,7 @@ def _write_report(out: Path, report: dict, t0: float) -> None:
     (out / "quality.json").write_text(json.dumps(report, indent=2))
 
 
-def _parse(argv=None) -> BuildConfig:
+def _parse(argv=None) -> tuple[BuildConfig, int]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="assets folder to write")
     p.add_argument("--work-dir", default="runs/toyworld_build", help="checkpoints and intermediate files")
@@ -468,6 +512,9 @@ def _parse(argv=None) -> BuildConfig:
                    help="torch CPU threads (0: torch default). On a shared 2-core machine use 1, or set "
                         "OMP_WAIT_POLICY=PASSIVE: two busy-waiting OpenMP pools on 2 cores run ~40x slower")
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage, to test the script")
+    p.add_argument("--measure-checkpoint", type=int, default=0, metavar="N",
+                   help="do not build: measure the latest UNet checkpoint of --work-dir on N generations of "
+                        "every combination (the classifier comes from --out), e.g. beside a running build")
     a = p.parse_args(argv)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -479,14 +526,20 @@ def _parse(argv=None) -> BuildConfig:
                           classifier_steps=10, vae_steps=10, decoder_steps=5, steps=min(a.steps, 40),
                           unet_minutes=0, warmup=5, checkpoint_every=20, quality_per_combo=1,
                           variant_steps=5, variant_pool=200, sampling_steps=5)
-    return cfg
+    if a.measure_checkpoint < 0:
+        p.error(f"--measure-checkpoint must be a positive number of generations per combination, got "
+                f"{a.measure_checkpoint}")
+    return cfg, a.measure_checkpoint
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = _parse(argv)
+    cfg, measure = _parse(argv)
     log.info("ToyWorld %r (%d combinations; %s selects the world); build config: %s", WORLD.name,
              WORLD.combinations(), WORLD_ENV, cfg)
+    if measure:
+        measure_checkpoint(cfg, per_combo=measure)
+        return
     report = build(cfg)
     log.info("done in %.1f min: base %s, variant %s", report["build_minutes"], report["base"], report["variant"])
 

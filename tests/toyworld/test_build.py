@@ -44,6 +44,7 @@ def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkey
     ckpt = load_file(str(resumed / "unet_ckpt.safetensors"))
     assert any(k.startswith("opt/") and k.endswith("/exp_avg_sq") for k in ckpt), "optimizer moments are saved"
     assert not (resumed / "unet_ema.safetensors").exists()
+    _measurable_while_running(cfg, resumed, ckpt)
     unet_b, text_b = _run(cfg, resumed)
 
     for a, b in ((unet_a, unet_b), (text_a, text_b)):
@@ -54,3 +55,23 @@ def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkey
     # the run did train: the resumed weights are not the initial ones
     init = tw_build.make_unet(cfg.seed).state_dict()
     assert any(not torch.equal(init[k], raw_b[k]) for k in init)
+
+
+def _measurable_while_running(cfg, work, ckpt):
+    """``--measure-checkpoint`` reads the latest checkpoint's EMA weights beside a running (here: killed) build."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, work_dir=str(work))
+    with pytest.raises(FileNotFoundError, match="vae.safetensors missing"):
+        tw_build.checkpoint_pipeline(cfg)
+    tw_build._save_state(tw_build.make_vae(0), work / "vae.safetensors", scaling_factor=0.5)
+    pipe, step = tw_build.checkpoint_pipeline(cfg)
+    assert step == 3
+    for key, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, ckpt[f"unet_ema/{key}"]), key
+    for key, value in pipe.text_encoder.state_dict().items():
+        assert torch.equal(value, ckpt[f"text_ema/{key}"]), key
+    assert pipe.vae.config.scaling_factor == 0.5
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 32, 32)
