@@ -213,7 +213,7 @@ def test_a_word_gated_membrane_changes_only_the_concept_token(toyworld):
     gated = _kv_outputs(toyworld, prompts, [word_red])
     tok = toyworld.tokenizer
     ids = tok(prompts[0], padding="max_length", max_length=tok.model_max_length).input_ids
-    red, eos = ids.index(tok.convert_tokens_to_ids("red</w>")), ids.index(tok.eos_token_id)
+    red = ids.index(tok.convert_tokens_to_ids("red</w>"))
     changed = [(g - b).abs().amax(dim=-1) for g, b in zip(gated, base)]
     assert min(c[0, red] for c in changed) > 1e-5
     opened = torch.zeros(tok.model_max_length, dtype=torch.bool)

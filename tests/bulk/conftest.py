@@ -1,7 +1,5 @@
 from pathlib import Path
 
-import pytest
-
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 

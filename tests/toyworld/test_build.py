@@ -42,7 +42,7 @@ def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkey
         _run(cfg, resumed, kill_after_first_checkpoint=True, monkeypatch=monkeypatch)
     monkeypatch.undo()
     ckpt = load_file(str(resumed / "unet_ckpt.safetensors"))
-    assert any(k.startswith("opt/") and k.endswith("/exp_avg_sq") for k in ckpt), "optimizer moments are saved"
+    assert any(k.startswith("opt/") and k.endswith("/exp_avg_sq") for k in ckpt)  # optimizer moments saved
     assert not (resumed / "unet_ema.safetensors").exists()
     _measurable_while_running(cfg, resumed, ckpt)
     unet_b, text_b = _run(cfg, resumed)
@@ -50,7 +50,8 @@ def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkey
     for a, b in ((unet_a, unet_b), (text_a, text_b)):
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(pa, pb), name
-    raw_a, raw_b = load_file(str(straight / "unet_raw.safetensors")), load_file(str(resumed / "unet_raw.safetensors"))
+    raw_a = load_file(str(straight / "unet_raw.safetensors"))
+    raw_b = load_file(str(resumed / "unet_raw.safetensors"))
     assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
     # the run did train: the resumed weights are not the initial ones
     init = tw_build.make_unet(cfg.seed).state_dict()
@@ -58,7 +59,8 @@ def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkey
 
 
 def _measurable_while_running(cfg, work, ckpt):
-    """``--measure-checkpoint`` reads the latest checkpoint's EMA weights beside a running (here: killed) build."""
+    """``--measure-checkpoint`` reads the latest checkpoint's EMA weights beside a running (here: killed)
+    build."""
     import dataclasses
 
     cfg = dataclasses.replace(cfg, work_dir=str(work))
