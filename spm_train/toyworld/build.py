@@ -104,13 +104,25 @@ def _save_state(module: torch.nn.Module, path: Path, **meta) -> None:
     _save_tensors(module.state_dict(), path, **meta)
 
 
-def _load_state(module: torch.nn.Module, path: Path) -> dict:
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and its metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    module.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
+
+
+def _load_state(module: torch.nn.Module, path: Path) -> dict:
+    state, meta = _read_tensors(path)
+    module.load_state_dict(state)
+    return meta
+
+
+def _load_prefixed(module: torch.nn.Module, flat: dict[str, torch.Tensor], name: str) -> None:
+    """Load ``module`` from the ``<name>/...`` entries of a flat checkpoint (``_training_state``)."""
+    module.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(f"{name}/")})
 
 
 def _training_state(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -124,7 +136,7 @@ def _training_state(modules: dict[str, torch.nn.Module], opt: torch.optim.Optimi
 def _restore_training_state(flat: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module],
                             opt: torch.optim.Optimizer) -> None:
     for name, m in modules.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(f"{name}/")})
+        _load_prefixed(m, flat, name)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
         if key.startswith("opt/"):
@@ -320,12 +332,8 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
     modules = {"unet": unet, "text": text_encoder, "unet_ema": ema.shadow[0], "text_ema": ema.shadow[1]}
     start, elapsed_before, ckpt = 0, 0.0, work / "unet_ckpt.safetensors"
     if ckpt.exists():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        _restore_training_state(load_file(str(ckpt)), modules, opt)
-        with safe_open(str(ckpt), "pt") as f:
-            meta = f.metadata() or {}
+        flat, meta = _read_tensors(ckpt)
+        _restore_training_state(flat, modules, opt)
         start, elapsed_before = int(meta["step"]), float(meta["elapsed_s"])
         log.info("unet: resuming from step %d", start)
     captions = _CaptionSampler(scenes, tokenizer, cfg.seed + 2, cfg.caption_dropout)
@@ -401,9 +409,6 @@ def checkpoint_pipeline(cfg: BuildConfig):
     written by rename, so a running build never shows a half-written one)."""
     import tempfile
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     work = Path(cfg.work_dir)
     ckpt, vae_path = work / "unet_ckpt.safetensors", work / "vae.safetensors"
     missing = [str(p) for p in (ckpt, vae_path) if not p.exists()]
@@ -415,13 +420,11 @@ def checkpoint_pipeline(cfg: BuildConfig):
     with tempfile.TemporaryDirectory() as tmp:  # the merges are deterministic: the build's token ids
         tokenizer = make_tokenizer(Path(tmp) / "tokenizer")
     unet, text_encoder = make_unet(cfg.seed), make_text_encoder(tokenizer, cfg.seed)
-    flat = load_file(str(ckpt))
-    for name, module in (("unet_ema", unet), ("text_ema", text_encoder)):
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(f"{name}/")})
-    with safe_open(str(ckpt), "pt") as f:
-        step = int((f.metadata() or {})["step"])
+    flat, meta = _read_tensors(ckpt)
+    _load_prefixed(unet, flat, "unet_ema")
+    _load_prefixed(text_encoder, flat, "text_ema")
     pipe = make_pipeline(vae, text_encoder.eval(), tokenizer, unet.eval()).to(cfg.device)
-    return pipe, step
+    return pipe, int(meta["step"])
 
 
 def measure_checkpoint(cfg: BuildConfig, per_combo: int = 1) -> dict:
