@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-LOSS_KEYS = ("loss", "erase", "anchor", "lr")
+LOSS_KEYS = ("loss", "erase", "anchor", "tail", "lr")
 
 
 class NullTracker:

@@ -117,27 +117,32 @@ class _TailEnergy:
         self.mask, self.hooks, self.parts = mask, [], []
         self.layers = [layer for layer in bank.layers.values() if layer.reads_text] if mask is not None else []
         self.window: torch.Tensor | None = None
+        self.base: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> "_TailEnergy":
-        self.hooks = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        for layer in self.layers:  # the base projection's own output, so nothing is computed twice
+            self.hooks.append(layer.base_layer.register_forward_hook(self._keep_base))
+            self.hooks.append(layer.register_forward_hook(self._hook))
         return self
 
     def __exit__(self, *exc) -> None:
         for hook in self.hooks:
             hook.remove()
-        self.hooks, self.parts = [], []
+        self.hooks, self.parts, self.base = [], [], {}
 
     def rows(self, lo: int, hi: int) -> None:
         self.window = None if self.mask is None else self.mask[lo:hi]
-        self.parts = []
+        self.parts, self.base = [], {}
+
+    def _keep_base(self, base_layer, args, output) -> None:
+        self.base[id(base_layer)] = output
 
     def _hook(self, layer, args, output) -> None:
-        x = args[0]
-        if self.window is None or x.dim() != 3 or x.shape[:2] != self.window.shape:
+        base = self.base.pop(id(layer.base_layer), None)
+        if base is None or self.window is None or base.dim() != 3 or base.shape[:2] != self.window.shape:
             return
-        with torch.no_grad():
-            base = layer.base_layer(x).float()
-        m = self.window.to(x.device, torch.float32)
+        base = base.detach().float()
+        m = self.window.to(base.device, torch.float32)
         delta = output.float() - base
         energy = (delta.pow(2).sum(-1) * m).sum(-1) / (base.pow(2).sum(-1) * m).sum(-1).clamp(min=1e-12)
         self.parts.append(energy)
@@ -579,6 +584,7 @@ class PackTrainer:
         n = x_on.shape[0]
         chunk = cfg.micro_batch or n
         sq = torch.zeros(n, device=dev, dtype=self.compute_dtype)
+        pen = torch.zeros(n, device=dev, dtype=self.compute_dtype)  # the tail_penalty term of each row
         tail_mask = torch.cat(tails) if tails else None
         with record_function("spm.membrane_on"), _TailEnergy(self.bank, tail_mask) as tail_energy:
             for lo in range(0, n, chunk):  # micro-batches bound activation memory; gradients accumulate
@@ -589,21 +595,27 @@ class PackTrainer:
                     on = self.model.predict(x_on[lo:hi], t_on[lo:hi], e_on.index(slice(lo, hi)),
                                             self.resolution).to(self.compute_dtype)
                 err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
+                total = err
                 if tail_mask is not None:  # in units of the latent MSE, as the erase rows' weight divides by numel
-                    err = err + self.cfg.tail_penalty * math.prod(self.latent_shape) * tail_energy.collect()
+                    tail = self.cfg.tail_penalty * math.prod(self.latent_shape) * tail_energy.collect()
+                    total = err + tail
+                    pen[lo:hi] = tail.detach()
                 if self.engine is not None:
-                    self.engine.backward((err * weight[lo:hi]).sum())
+                    self.engine.backward((total * weight[lo:hi]).sum())
                 else:  # scaled for fp16 on a GPU
-                    self.accelerator.backward((err * weight[lo:hi]).sum())
+                    self.accelerator.backward((total * weight[lo:hi]).sum())
                 sq[lo:hi] = err.detach()
         self.bank.set_permeability(None)
 
-        # per-concept [loss, erase, anchor], without leaving the device
+        # per-concept [loss, erase, anchor, tail], without leaving the device: erase is the latent error
+        # alone, tail the tail_penalty term, loss what was minimised
         parts = torch.zeros(2 * len(self.concepts), device=dev, dtype=self.compute_dtype)
         parts.index_add_(0, layout["slot"], sq * weight)
         parts = parts.view(-1, 2)
         anchor = parts[:, 1] / layout["anchor_divisor"]
-        losses = torch.stack([parts.sum(1), parts[:, 0], anchor], dim=1)
+        tails = torch.zeros(2 * len(self.concepts), device=dev, dtype=self.compute_dtype)
+        tails = tails.index_add_(0, layout["slot"], pen * weight).view(-1, 2).sum(1)
+        losses = torch.stack([parts[:, 0] + parts[:, 1] + tails, parts[:, 0], anchor, tails], dim=1)
         with record_function("spm.update"):
             if self.engine is not None:
                 self.engine.step()  # reduce, clip, AdamW, schedule, zero
@@ -687,6 +699,9 @@ class PackTrainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         rows = [{"step": self.step, "concept": c.spec.name, "loss": v[0], "erase": v[1], "anchor": v[2], "lr": lr}
                 for c, v in zip(self.concepts, values)]
+        if self.cfg.tail_penalty:
+            for row, v in zip(rows, values):
+                row["tail"] = v[3]
         diverged = [r["concept"] for r in rows if not math.isfinite(r["loss"])]
         if diverged:
             raise TrainingDivergedError(diverged, self.step)

@@ -154,13 +154,17 @@ def toyworld():
     return load_pipeline("base")
 
 
-def _train_red(pipe, gate, **options):
+def _train_red_run(pipe, gate, **options):
     from spm_train.training import train_membranes
 
     spec = ConceptSpec(name="red", target="red", guidance_scale=16.0)
     trainer = TrainerConfig.preset("toyworld", scope="cross_attention_kv", gate=gate, iterations=6,
                                    phrasings=1, prompt_anchors=2, checkpoint_every=0, **options)
-    return train_membranes(pipe, [spec], trainer, progress=False).membranes[0]
+    return train_membranes(pipe, [spec], trainer, progress=False)
+
+
+def _train_red(pipe, gate, **options):
+    return _train_red_run(pipe, gate, **options).membranes[0]
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +282,16 @@ def test_tail_penalty_shrinks_the_edit_at_the_summary_positions(toyworld, gated_
     positions of the erase rows to the loss: the membrane trained with it edits them far less."""
     free = _tail_energy(toyworld, gated_red)
     assert free > 0
-    penalised = _train_red(toyworld, "token", tail_penalty=1000.0)
+    run = _train_red_run(toyworld, "token", tail_penalty=1000.0)
+    penalised = run.membranes[0]
     assert _tail_energy(toyworld, penalised) < 0.5 * free
     assert penalised.trainer["tail_penalty"] == 1000.0
+    # the history keeps the latent error ("erase") apart from the penalty ("tail"); "loss" is their sum
+    # with the weighted anchors, what was minimised
+    la = penalised.trainer["la_strength"]
+    assert all(r["tail"] > 0 for r in run.history)
+    for r in run.history:
+        assert r["loss"] == pytest.approx(r["erase"] + la * r["anchor"] + r["tail"], rel=1e-5)
 
 
 def test_tail_energy_is_the_relative_edit_at_the_marked_positions():
@@ -306,7 +317,7 @@ def test_tail_energy_is_the_relative_edit_at_the_marked_positions():
     assert want > 1e-3
     torch.testing.assert_close(got.detach(), torch.stack([want, torch.tensor(0.0)]).detach(), rtol=1e-5, atol=1e-7)
     assert got.grad_fn is not None  # the penalty trains the membrane
-    assert not layer._forward_hooks  # hooks go with the context
+    assert not layer._forward_hooks and not layer.base_layer._forward_hooks  # hooks go with the context
 
 
 def test_tail_penalty_is_checked_and_keeps_old_keys():

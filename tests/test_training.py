@@ -174,9 +174,10 @@ def test_first_step_losses_are_the_papers(fresh_sd1):
         neu = predict(latents[:1], t[:1], c.neutral)
         tgt = predict(latents[:1], t[:1], c.target)
     expected = F.mse_loss(tgt, neu - 2.0 * (pos - neu))
-    loss, erase, anchor = losses[0].tolist()
+    loss, erase, anchor, tail = losses[0].tolist()
     assert erase == pytest.approx(expected.item(), rel=1e-5)
     assert anchor == pytest.approx(0.0, abs=1e-12)
+    assert tail == 0.0  # no tail_penalty
     assert loss == pytest.approx(erase + SMOKE.la_strength * anchor)
     assert on.shape[0] == 1 + SMOKE.anchors_per_step
     # the latent sits at the 1000-step timestep matching its trajectory step
