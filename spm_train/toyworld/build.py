@@ -331,11 +331,19 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
     # last checkpoint to the weights an uninterrupted build reaches, so a long CPU build can span sessions.
     modules = {"unet": unet, "text": text_encoder, "unet_ema": ema.shadow[0], "text_ema": ema.shadow[1]}
     start, elapsed_before, ckpt = 0, 0.0, work / "unet_ckpt.safetensors"
+    plans = [[0, cfg.steps]]  # [first step, planned steps] of each plan the learning rate followed
     if ckpt.exists():
         flat, meta = _read_tensors(ckpt)
         _restore_training_state(flat, modules, opt)
         start, elapsed_before = int(meta["step"]), float(meta["elapsed_s"])
+        plans = json.loads(meta["plans"]) if "plans" in meta else [[0, None]]
         log.info("unet: resuming from step %d", start)
+        if plans[-1][1] != cfg.steps:
+            log.warning("unet: the plan changes from %s to %d steps at step %d; the learning rate follows the "
+                        "new plan from here, so the weights are those of neither plan run uninterrupted (the "
+                        "plans are recorded in the checkpoint and in quality.json)", plans[-1][1], cfg.steps,
+                        start)
+            plans.append([start, cfg.steps])
     captions = _CaptionSampler(scenes, tokenizer, cfg.seed + 2, cfg.caption_dropout)
     # The schedule runs on max(step progress, time progress): on a shared 2-core machine the speed varies, and
     # the cosine must still reach its floor when the time budget (--unet-minutes) runs out.
@@ -369,12 +377,12 @@ def _stage_unet(cfg: BuildConfig, latents_mean, latents_std, scenes, tokenizer, 
                                 scenes[:256], cfg.device, cfg.seed)
             log.info("unet step %d: EMA cond/uncond gap |e_c - e_u| / |e_u| = %.3f", step + 1, gap)
             _save_tensors(_training_state(modules, opt), ckpt, step=step + 1,
-                          elapsed_s=elapsed_before + time.time() - t_start)
+                          elapsed_s=elapsed_before + time.time() - t_start, plans=json.dumps(plans))
     log.info("unet: trained %d steps in %.1f min", step + 1 - start, (time.time() - t_start) / 60)
     _save_state(unet, work / "unet_raw.safetensors")
     _save_state(text_encoder, work / "text_raw.safetensors")
     _save_state(ema.shadow[1], work / "text_ema.safetensors")
-    _save_state(ema.shadow[0], final)  # last: its presence marks the stage done
+    _save_state(ema.shadow[0], final, plans=json.dumps(plans))  # last: its presence marks the stage done
     return ema.shadow[0], ema.shadow[1]
 
 
@@ -467,6 +475,8 @@ def build(cfg: BuildConfig) -> dict:
                         "styles": list(WORLD.styles), "synonyms": dict(WORLD.synonyms)},
               "build": asdict(cfg), "sampler": {"scheduler": "DDIM", "guidance_scale": cfg.guidance,
                                                  "num_inference_steps": cfg.sampling_steps}}
+    meta = _read_tensors(work / "unet_ema.safetensors")[1]
+    report["unet_plans"] = json.loads(meta["plans"]) if "plans" in meta else None
     report["classifier_heldout"] = json.loads((out / "classifier" / clf.CONFIG_NAME).read_text())[
         "heldout_accuracy"] if (out / "classifier" / clf.CONFIG_NAME).exists() else None
 

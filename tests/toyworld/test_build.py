@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,13 +59,27 @@ def test_killed_unet_stage_resumes_to_the_uninterrupted_weights(tmp_path, monkey
     # the run did train: the resumed weights are not the initial ones
     init = tw_build.make_unet(cfg.seed).state_dict()
     assert any(not torch.equal(init[k], raw_b[k]) for k in init)
+    for work in (straight, resumed):  # one plan, however often the build stopped
+        assert json.loads(tw_build._read_tensors(work / "unet_ema.safetensors")[1]["plans"]) == [[0, 6]]
+
+
+def test_a_resume_with_another_plan_is_recorded(tmp_path, monkeypatch, caplog):
+    """A build resumed under another ``--steps`` follows the new learning-rate plan from the checkpoint on,
+    and its weights say so: the plans are kept in the checkpoint and the stage's final file."""
+    cfg = tw_build.BuildConfig(steps=6, unet_minutes=0, batch=4, warmup=2, checkpoint_every=3)
+    with pytest.raises(_Killed):
+        _run(cfg, tmp_path, kill_after_first_checkpoint=True, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    assert json.loads(tw_build._read_tensors(tmp_path / "unet_ckpt.safetensors")[1]["plans"]) == [[0, 6]]
+    with caplog.at_level("WARNING", logger=tw_build.log.name):
+        _run(dataclasses.replace(cfg, steps=4), tmp_path)
+    assert "plan changes from 6 to 4 steps at step 3" in caplog.text
+    assert json.loads(tw_build._read_tensors(tmp_path / "unet_ema.safetensors")[1]["plans"]) == [[0, 6], [3, 4]]
 
 
 def _measurable_while_running(cfg, work, ckpt):
     """``--measure-checkpoint`` reads the latest checkpoint's EMA weights beside a running (here: killed)
     build."""
-    import dataclasses
-
     cfg = dataclasses.replace(cfg, work_dir=str(work))
     with pytest.raises(FileNotFoundError, match="vae.safetensors missing"):
         tw_build.checkpoint_pipeline(cfg)
