@@ -119,16 +119,16 @@ def _setup_model(cfg: DictConfig, concepts: list[ConceptSpec] = ()) -> tuple[dic
 
 
 def _check_transfer_models(cfg: DictConfig, model: dict[str, Any], family: str) -> None:
-    """Each of ``registry.transfer_models`` loads and is of the base's family, before any job starts."""
+    """Each of ``registry.transfer_models`` is a model of the base's family, before any job starts."""
     from spm_train.errors import ModelLoadError
-    from spm_train.models import detect_family, load_base_model
+    from spm_train.models import source_family
 
     if not _validates_behaviour(cfg):
         return
     problems = []
     for source in cfg.registry.get("transfer_models") or []:
-        try:
-            other = detect_family(load_base_model(source, dtype=model["dtype"]))
+        try:  # a local folder's configs name its family: the registry stage loads its weights, once
+            other = source_family(source, dtype=model["dtype"])
         except (ModelLoadError, OSError, ValueError) as exc:
             problems.append(f"registry.transfer_models: {source!r} does not load: {exc}")
             continue

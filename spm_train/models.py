@@ -85,20 +85,63 @@ def detect_family(pipe) -> str:
             f"{type(pipe).__name__} has no UNet2DConditionModel; supported families: "
             "SD 1.x, SD 2.x, SDXL (diffusers StableDiffusion / StableDiffusionXL pipelines)"
         )
-    config = unet.config
-    if not any("CrossAttn" in t for t in config.down_block_types):
+    return _family_of(unet.config, type(pipe).__name__, getattr(pipe, "text_encoder", None) is not None
+                      and getattr(pipe, "tokenizer", None) is not None,
+                      getattr(pipe, "text_encoder_2", None) is not None)
+
+
+def _family_of(config, owner: str, has_text: bool, has_text_2: bool) -> str:
+    """The family a UNet config and a pipeline's text components make, by the rules of ``detect_family``."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if not any("CrossAttn" in t for t in get("down_block_types", ())):
         raise UnsupportedModelError("the UNet has no cross-attention blocks, so there is no text to erase")
-    if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
-        raise UnsupportedModelError(f"{type(pipe).__name__} lacks a text encoder or tokenizer")
-    if config.addition_embed_type == "text_time":
-        if getattr(pipe, "text_encoder_2", None) is None:
+    if not has_text:
+        raise UnsupportedModelError(f"{owner} lacks a text encoder or tokenizer")
+    embed = get("addition_embed_type")
+    if embed == "text_time":
+        if not has_text_2:
             raise UnsupportedModelError("an SDXL-style UNet needs text_encoder_2")
         return "sdxl"
-    if config.addition_embed_type is not None:
-        raise UnsupportedModelError(
-            f"UNet added conditioning {config.addition_embed_type!r} is not supported (SD 1.x, SD 2.x, SDXL are)"
-        )
-    return "sd2" if config.use_linear_projection else "sd1"
+    if embed is not None:
+        raise UnsupportedModelError(f"UNet added conditioning {embed!r} is not supported (SD 1.x, SD 2.x, SDXL are)")
+    return "sd2" if get("use_linear_projection") else "sd1"
+
+
+def folder_family(path: str) -> str:
+    """The family of a local diffusers pipeline folder from its configs alone (no weights are read): the
+    rules of ``detect_family``, and every component ``model_index.json`` names has its folder.
+    Raises ``ModelLoadError`` for a folder that is not a pipeline, ``UnsupportedModelError`` for another
+    family."""
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ModelLoadError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+    index = _read_json(index_path)
+    components = {k: v for k, v in index.items()
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]}
+    missing = [k for k in components if not os.path.isdir(os.path.join(path, k))]
+    if missing:
+        raise ModelLoadError(f"{path!r}: model_index.json names {', '.join(missing)}, which has no folder")
+    if components.get("unet", [None, None])[1] != "UNet2DConditionModel":
+        raise UnsupportedModelError(f"{path!r} has no UNet2DConditionModel; supported families: SD 1.x, SD 2.x, "
+                                    "SDXL (diffusers StableDiffusion / StableDiffusionXL pipelines)")
+    return _family_of(_read_json(os.path.join(path, "unet", "config.json")), index.get("_class_name", path),
+                      "text_encoder" in components and "tokenizer" in components, "text_encoder_2" in components)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read {path}: {first_line(exc)}") from None
+
+
+def source_family(source: str, *, dtype: str = "float32") -> str:
+    """The family of a model source (as ``load_base_model`` takes): read from the configs of a local
+    pipeline folder, so a multi-gigabyte model is not loaded just to name its family; loaded otherwise."""
+    if os.path.isfile(os.path.join(str(source), "model_index.json")):
+        return folder_family(str(source))
+    return detect_family(load_base_model(source, dtype=dtype))
 
 
 def load_pipeline(path: str, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None):

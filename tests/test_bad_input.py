@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,25 @@ def test_a_transfer_model_of_another_family_or_missing_is_named_before_training(
     assert "registry.transfer_models: 'random:sd2' is a sd2 model, the base is sd1" in text
     assert f"registry.transfer_models: '{missing}' does not load" in text
     assert plan_run(compose(tmp_path, evaluator, "registry.transfer_models=[random:sd1]")).family == "sd1"
+
+
+def test_a_local_transfer_model_is_checked_from_its_configs(tmp_path):
+    """A local pipeline folder's family is read from its configs: the driver reads no weights of a transfer
+    model (the registry stage loads it), so a folder without UNet weights still gets its family named."""
+    from pipelines.bulk_train import plan_run
+    from spm_train.architectures import tiny_pipeline
+    from spm_train.models import detect_family, folder_family
+    from tests.bulk.conftest import compose
+
+    for family in ("sd1", "sd2", "sdxl"):
+        folder = tmp_path / family
+        tiny_pipeline(family).save_pretrained(folder)
+        for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
+            weights.unlink()
+        assert folder_family(str(folder)) == family == detect_family(tiny_pipeline(family))
+    evaluator = "registry.evaluator=tests.registry.test_validation:fake_evaluator"
+    with pytest.raises(ConfigError, match=f"'{tmp_path / 'sd2'}' is a sd2 model, the base is sd1"):
+        plan_run(compose(tmp_path, evaluator, f"registry.transfer_models=[{tmp_path / 'sd2'}]"))
+    shutil.rmtree(tmp_path / "sd1" / "text_encoder")
+    with pytest.raises(ConfigError, match="names text_encoder, which has no folder"):
+        plan_run(compose(tmp_path, evaluator, f"registry.transfer_models=[{tmp_path / 'sd1'}]"))
