@@ -597,9 +597,9 @@ class PackTrainer:
                 err = (on - goal[lo:hi]).pow(2).flatten(1).sum(1)
                 total = err
                 if tail_mask is not None:  # in units of the latent MSE, as the erase rows' weight divides by numel
-                    tail = self.cfg.tail_penalty * math.prod(self.latent_shape) * tail_energy.collect()
-                    total = err + tail
-                    pen[lo:hi] = tail.detach()
+                    penalty = self.cfg.tail_penalty * math.prod(self.latent_shape) * tail_energy.collect()
+                    total = err + penalty
+                    pen[lo:hi] = penalty.detach()
                 if self.engine is not None:
                     self.engine.backward((total * weight[lo:hi]).sum())
                 else:  # scaled for fp16 on a GPU
@@ -613,9 +613,9 @@ class PackTrainer:
         parts.index_add_(0, layout["slot"], sq * weight)
         parts = parts.view(-1, 2)
         anchor = parts[:, 1] / layout["anchor_divisor"]
-        tails = torch.zeros(2 * len(self.concepts), device=dev, dtype=self.compute_dtype)
-        tails = tails.index_add_(0, layout["slot"], pen * weight).view(-1, 2).sum(1)
-        losses = torch.stack([parts[:, 0] + parts[:, 1] + tails, parts[:, 0], anchor, tails], dim=1)
+        penalties = torch.zeros(2 * len(self.concepts), device=dev, dtype=self.compute_dtype)
+        penalties = penalties.index_add_(0, layout["slot"], pen * weight).view(-1, 2).sum(1)
+        losses = torch.stack([parts[:, 0] + parts[:, 1] + penalties, parts[:, 0], anchor, penalties], dim=1)
         with record_function("spm.update"):
             if self.engine is not None:
                 self.engine.step()  # reduce, clip, AdamW, schedule, zero

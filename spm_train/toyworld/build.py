@@ -106,12 +106,17 @@ def _save_state(module: torch.nn.Module, path: Path, **meta) -> None:
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors file's tensors and its metadata."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    return load_file(str(path)), _read_meta(path)
+
+
+def _read_meta(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, without reading its tensors."""
+    from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+        return f.metadata() or {}
 
 
 def _load_state(module: torch.nn.Module, path: Path) -> dict:
@@ -475,7 +480,7 @@ def build(cfg: BuildConfig) -> dict:
                         "styles": list(WORLD.styles), "synonyms": dict(WORLD.synonyms)},
               "build": asdict(cfg), "sampler": {"scheduler": "DDIM", "guidance_scale": cfg.guidance,
                                                  "num_inference_steps": cfg.sampling_steps}}
-    meta = _read_tensors(work / "unet_ema.safetensors")[1]
+    meta = _read_meta(work / "unet_ema.safetensors")
     report["unet_plans"] = json.loads(meta["plans"]) if "plans" in meta else None
     report["classifier_heldout"] = json.loads((out / "classifier" / clf.CONFIG_NAME).read_text())[
         "heldout_accuracy"] if (out / "classifier" / clf.CONFIG_NAME).exists() else None

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from spm_train.toyworld import assets_dir
 from spm_train.toyworld.render import WIDE
+from tests.toyworld.test_pipeline import QUALITY_BAR
 
 ROOT = Path(__file__).resolve().parents[2]
-QUALITY_BAR = {"shape": 0.90, "colour": 0.85, "style": 0.75}
 
 
 def test_the_wide_build_record_meets_the_bar_on_the_wide_vocabulary():
