@@ -115,6 +115,8 @@ SCOPES = ("transformer", "attention", "cross_attention", "cross_attention_kv")
 # the prompt; "word": the same on the concept's tokens only, every other position left as the base reads it
 # (docs/erasure.md: the summary positions carry the rest of the prompt, which "token" loses)
 GATES = ("none", "token", "word")
+# the per-token similarities a membrane is calibrated and gated with (spm_train.transport.PER_TOKEN)
+CALIBRATED_SIMILARITIES = ("token", "lexical")
 # "project": every anchor is a sampled embedding; "official": as the official code's anchor batch, half of
 # them (every other one) is the unconditional embedding
 ANCHOR_BATCHES = ("project", "official")
@@ -160,6 +162,9 @@ class TrainerConfig:
     # store each membrane's calibrated transport (zero and one points of the "token" similarity, from
     # ``corpus``) in its header
     calibrate: bool = False
+    # the per-token similarity that calibration and gated training use (spm_train.transport): "token", the
+    # text encoder's contextual output, or "lexical", its input token embeddings; stored in the header
+    similarity: str = "token"
     rank: int = 1
     alpha: float = 1.0
     scope: str = "transformer"
@@ -228,6 +233,8 @@ class TrainerConfig:
             problems.append(f"corpus_size must be >= 1, got {self.corpus_size}")
         if self.scope not in SCOPES:
             problems.append(f"scope {self.scope!r} is not one of {list(SCOPES)}")
+        if self.similarity not in CALIBRATED_SIMILARITIES:
+            problems.append(f"similarity {self.similarity!r} is not one of {list(CALIBRATED_SIMILARITIES)}")
         if self.gate not in GATES:
             problems.append(f"gate {self.gate!r} is not one of {list(GATES)}")
         elif self.tail_penalty and self.gate != "token":
@@ -273,6 +280,8 @@ class TrainerConfig:
         for name in ("weight_noise", "tail_penalty"):
             if data[name] == 0:
                 data.pop(name)
+        if data["similarity"] == "token":
+            data.pop("similarity")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

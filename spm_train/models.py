@@ -285,6 +285,28 @@ class ModelAdapter:
         return torch.tensor(tok(prompt, padding="max_length", max_length=tok.model_max_length,
                                 truncation=True).input_ids)
 
+    @torch.no_grad()
+    def lexical(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[..., T, D]`` float: the text encoder's input token embeddings of ``ids`` (``[..., T]``) with the
+        table's mean row removed: what each token is before the encoder reads it in context. SDXL puts both
+        encoders' rows side by side (their tokenizers share the vocabulary)."""
+        means = self.__dict__.setdefault("_lexical_means", {})
+        parts = []
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(self.pipe, name, None)
+            if encoder is None:
+                continue
+            table = encoder.get_input_embeddings().weight.detach()
+            if name not in means:  # the mean of a real vocabulary's table: once per adapter
+                means[name] = table.float().mean(0)
+            rows = table[ids.to(table.device)].float() - means[name]
+            parts.append(rows.to(parts[0].device) if parts else rows)
+        return torch.cat(parts, dim=-1)
+
+    def lexical_of(self, prompts: list[str]) -> torch.Tensor:
+        """``[len(prompts), T, D]``: ``lexical`` of each padded prompt, position by position as ``encode``."""
+        return self.lexical(torch.stack([self.padded_ids(p) for p in prompts]))
+
     def tail_mask(self, prompt: str) -> torch.Tensor:
         """Positions of the padded prompt from its end-of-text token on (end-of-text and padding)."""
         return tail_positions(self.padded_ids(prompt), self.pipe.tokenizer.eos_token_id)

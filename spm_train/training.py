@@ -303,9 +303,10 @@ class PackTrainer:
         from .transport import Calibration, calibrate_transport, concept_reference, opens_tail, prompt_gates
 
         spec = concept.spec
-        concept.calibration = (calibrate_transport(self.model.pipe, [spec.target], self.corpus)
-                               if self.cfg.calibrate else Calibration())
-        concept.gate_reference = concept_reference(self.model, spec.target)
+        similarity = self.cfg.similarity
+        concept.calibration = (calibrate_transport(self.model.pipe, [spec.target], self.corpus, similarity=similarity)
+                               if self.cfg.calibrate else Calibration(similarity=similarity))
+        concept.gate_reference = concept_reference(self.model, spec.target, similarity)
 
         def gated(embeds: PromptEmbeds, prompts: list[str]) -> PromptEmbeds:
             return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration,
@@ -714,11 +715,14 @@ class PackTrainer:
         spec = self.specs[index]
         trainer = self.cfg.to_dict()
         extra = {"concept": json.dumps(spec.to_dict(), sort_keys=True), "iterations": str(self.step)}
-        from .transport import GATE_KEY, TRANSPORT_KEY, calibrate_transport
+        from .transport import GATE_KEY, TRANSPORT_KEY, Calibration, calibrate_transport
 
         calibration = self.concepts[index].calibration if self.concepts else None
         if calibration is None and self.cfg.calibrate:
-            calibration = calibrate_transport(self.model.pipe, [spec.target], self.corpus)
+            calibration = calibrate_transport(self.model.pipe, [spec.target], self.corpus,
+                                              similarity=self.cfg.similarity)
+        elif calibration is None and self.cfg.similarity != "token":
+            calibration = Calibration(similarity=self.cfg.similarity)  # loaders score it as it was meant
         if calibration is not None:
             extra[TRANSPORT_KEY] = calibration.to_header()
         if self.cfg.gate != "none":

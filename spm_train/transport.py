@@ -17,7 +17,15 @@ Similarities (``similarity=``):
 - ``"token"`` (default): each content token of the concept against its closest content token of the
   prompt, in the text encoder's contextual output, averaged over the concept's tokens and mapped from
   ``[zero, one]`` to ``[0, 1]``, where ``zero`` and ``one`` are calibrated per membrane
-  (``calibrate_transport``) and stored in its header; overlap over content tokens only.
+  (``calibrate_transport``) and stored in its header; overlap over content tokens only;
+- ``"lexical"``: as ``"token"``, on the text encoder's input token embeddings (table mean removed) instead
+  of its contextual output: what each word is, whatever its position and neighbours. A causal encoder's
+  outputs can be dominated by position, so that every caption scores near 1 against every concept (on the
+  wide ToyWorld the calibrated zero point of all ten concepts came out at 0.99); its input rows still
+  tell synonyms (cosine 0.91-0.98 there) from other words (at most 0.61; docs/erasure.md).
+
+A membrane's header names the similarity it was calibrated (and, when gated, trained) with; ``"token"``
+scores each membrane in that one, so ``"lexical"`` membranes open as trained without any setting.
 
 Function words (``spm_train.prompts.FUNCTION_WORDS``) never open a membrane outside ``"paper"``.
 
@@ -45,7 +53,7 @@ from typing import Sequence
 
 import torch
 
-from .config import number_problem
+from .config import CALIBRATED_SIMILARITIES, number_problem
 from .errors import ConfigError
 from .membrane import Membrane, MembraneBank
 from .models import ModelAdapter, tail_positions
@@ -67,7 +75,8 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
 
 
-SIMILARITIES = ("paper", "content", "token")
+SIMILARITIES = ("paper", "content", "token", "lexical")
+PER_TOKEN = CALIBRATED_SIMILARITIES  # the calibrated per-token similarities a membrane header names
 SCALINGS = ("linear", "official", "shared")
 TRANSPORT_KEY = "transport"  # header key of a membrane's calibrated transport
 GATE_KEY = "gate"  # header key: "token" or "word" for a membrane that opens per token
@@ -81,14 +90,16 @@ def opens_tail(gate: str | None) -> bool:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Zero and one points of a membrane's ``"token"`` similarity: scores at or below ``zero`` keep the
-    membrane closed, scores at or above ``one`` open it fully."""
+    """Zero and one points of a membrane's per-token similarity (``similarity``: ``"token"`` or
+    ``"lexical"``): scores at or below ``zero`` keep the membrane closed, scores at or above ``one`` open it
+    fully."""
 
     zero: float = 0.85
     one: float = 1.0
+    similarity: str = "token"
 
     def to_header(self) -> str:
-        return json.dumps({"similarity": "token", "zero": round(self.zero, 6), "one": round(self.one, 6)},
+        return json.dumps({"similarity": self.similarity, "zero": round(self.zero, 6), "one": round(self.one, 6)},
                           sort_keys=True)
 
     @classmethod
@@ -99,11 +110,14 @@ class Calibration:
         try:
             data = json.loads(raw)
             zero, one = float(data["zero"]), float(data["one"])
-        except (ValueError, TypeError, KeyError):
-            logger.warning("membrane %s: unreadable transport calibration %r; using zero=%.3f one=%.3f",
-                           membrane.name, raw, default.zero, default.one)
+            similarity = data.get("similarity", "token")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            similarity = None
+        if similarity not in PER_TOKEN or not -1.0 <= zero < one <= 1.0:
+            logger.warning("membrane %s: unreadable transport calibration %r; using %s zero=%.3f one=%.3f",
+                           membrane.name, raw, default.similarity, default.zero, default.one)
             return default
-        return cls(zero, one) if -1.0 <= zero < one <= 1.0 else default
+        return cls(zero, one, similarity)
 
 
 def token_similarity(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.Tensor | None],
@@ -124,6 +138,24 @@ def token_similarity(prompt_embeds: torch.Tensor, prompt_masks: Sequence[torch.T
             else:
                 out[b, c] = (ct @ tokens.T).max(dim=1).values.mean().cpu()
     return out
+
+
+def per_token_similarity(prompt_embeds: torch.Tensor, prompt_lexical: torch.Tensor | None,
+                         prompt_masks: Sequence[torch.Tensor | None], concept_embeds: torch.Tensor,
+                         concept_lexical: torch.Tensor | None, concept_masks: Sequence[torch.Tensor],
+                         similarities: Sequence[str]) -> torch.Tensor:
+    """``[B, C]`` raw ``token_similarity``, concept ``c`` scored in ``similarities[c]``: ``"token"`` on the
+    contextual embeddings, ``"lexical"`` on the input token embeddings (``ModelAdapter.lexical``)."""
+    raw = torch.full((prompt_embeds.shape[0], concept_embeds.shape[0]), float("nan"))
+    for name, prompts, concepts in (("token", prompt_embeds, concept_embeds),
+                                    ("lexical", prompt_lexical, concept_lexical)):
+        cols = [c for c, s in enumerate(similarities) if s == name]
+        if not cols:
+            continue
+        if prompts is None or concepts is None:
+            raise ValueError(f"similarity {name!r} needs the prompts' and concepts' {name} embeddings")
+        raw[:, cols] = token_similarity(prompts, prompt_masks, concepts[cols], [concept_masks[c] for c in cols])
+    return raw
 
 
 def calibrated(raw: torch.Tensor, zero: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
@@ -158,10 +190,11 @@ def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.T
     return torch.where(tail.to(out.device).unsqueeze(-1), prompt_gamma.to(out).unsqueeze(1), out)
 
 
-def concept_reference(model: ModelAdapter, concept: str) -> tuple:
-    """What ``prompt_gates`` compares prompts with: the concept's contextual embedding, content mask and
-    content token ids (encode once, gate every iteration)."""
-    return model.encode([concept]).hidden.float(), [model.content_mask(concept)], [model.token_ids(concept)]
+def concept_reference(model: ModelAdapter, concept: str, similarity: str = "token") -> tuple:
+    """What ``prompt_gates`` compares prompts with: the concept's contextual embedding (``"lexical"``: its
+    input token embeddings), content mask and content token ids (encode once, gate every iteration)."""
+    embeds = model.lexical_of([concept]) if similarity == "lexical" else model.encode([concept]).hidden.float()
+    return embeds, [model.content_mask(concept)], [model.token_ids(concept)]
 
 
 def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: torch.Tensor, concept: str,
@@ -170,12 +203,19 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
     """``[N, T]`` token gate of one concept's membrane for prompts encoded as ``hidden`` (training).
 
     ``prompts=None`` for embeddings that are no prompt (sampled anchors): every position counts as a
-    content token and none as the tail. ``reference``: ``concept_reference(model, concept)``, when the
+    content token and none as the tail; under ``"lexical"`` they hold no token, so the membrane stays
+    closed on them. ``reference``: ``concept_reference(model, concept, calibration.similarity)``, when the
     caller keeps it. ``open_tail=False`` (``gate="word"``) keeps the end-of-text and padding positions
     closed."""
-    c_embeds, c_masks, c_ids = reference if reference is not None else concept_reference(model, concept)
+    lexical = calibration.similarity == "lexical"
+    if reference is None:
+        reference = concept_reference(model, concept, calibration.similarity)
+    c_embeds, c_masks, c_ids = reference
     ids = None
+    compare = hidden
     if prompts is None:
+        if lexical:
+            return torch.zeros(hidden.shape[:2], device=hidden.device)
         content = torch.ones(hidden.shape[:2], dtype=torch.bool)
         tail = torch.zeros_like(content)
         gamma = torch.zeros(hidden.shape[0], 1)
@@ -183,14 +223,16 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
         masks = [model.content_mask(p) for p in prompts]
         content, tail = torch.stack(masks), torch.stack([model.tail_mask(p) for p in prompts])
         ids = torch.stack([model.padded_ids(p) for p in prompts])
+        if lexical:
+            compare = model.lexical(ids)
         if open_tail:  # the tail opens as far as the whole prompt does
-            raw = token_similarity(hidden, masks, c_embeds, c_masks)
+            raw = token_similarity(compare, masks, c_embeds, c_masks)
             overlap = torch.tensor([[token_overlap(model.token_ids(p), c_ids[0])] for p in prompts])
             gamma = torch.maximum(calibrated(raw, torch.tensor([calibration.zero]),
                                              torch.tensor([calibration.one])), overlap)
         else:
             gamma = torch.zeros(len(prompts), 1)
-    gate = token_gate(hidden, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids)
+    gate = token_gate(compare, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids)
     return gate[..., 0].to(hidden.device)
 
 
@@ -226,24 +268,30 @@ def permeability(prompt_embeds: torch.Tensor, prompt_ids: Sequence[set[int] | No
                  num_membranes: int, facilitate: float = 1.0, *, similarity: str = "paper",
                  prompt_masks: Sequence[torch.Tensor | None] | None = None,
                  concept_masks: Sequence[torch.Tensor] | None = None, threshold: float = 0.85,
-                 calibration: Sequence[Calibration] | None = None) -> torch.Tensor:
+                 calibration: Sequence[Calibration] | None = None, prompt_lexical: torch.Tensor | None = None,
+                 concept_lexical: torch.Tensor | None = None) -> torch.Tensor:
     """``[batch, membranes]`` permeabilities. ``owners[c]`` is the membrane that erased concept ``c``.
 
     ``similarity="paper"``: cosine of the flattened embeddings; ``"content"``: ``content_cosine``;
     ``"token"``: ``token_similarity`` mapped by each concept's ``calibration`` (zero and one points; by
-    default ``threshold`` and 1). ``"content"`` and ``"token"`` need the token masks. A prompt whose
-    tokens are unknown (``None``) is scored by the paper's whole-embedding cosine alone.
+    default ``threshold`` and 1), in the similarity the calibration names (contextual embeddings, or
+    ``prompt_lexical`` against ``concept_lexical`` for ``"lexical"`` ones); ``"lexical"``: every concept on
+    the lexical embeddings. All but ``"paper"`` need the token masks. A prompt whose tokens are unknown
+    (``None``) is scored by the paper's whole-embedding cosine alone.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity {similarity!r} is not one of {list(SIMILARITIES)}")
     masks = prompt_masks or [None] * len(prompt_ids)
     if similarity == "content":
         score = content_cosine(prompt_embeds, masks, concept_embeds, concept_masks, threshold)
-    elif similarity == "token":
-        cal = list(calibration) if calibration is not None else [Calibration(threshold)] * len(concept_ids)
+    elif similarity in PER_TOKEN:
+        cal = (list(calibration) if calibration is not None
+               else [Calibration(threshold, 1.0, similarity)] * len(concept_ids))
         zero = torch.tensor([c.zero for c in cal])
         one = torch.tensor([c.one for c in cal])
-        raw = token_similarity(prompt_embeds, masks, concept_embeds, concept_masks)
+        spaces = [c.similarity if similarity == "token" else "lexical" for c in cal]
+        raw = per_token_similarity(prompt_embeds, prompt_lexical, masks, concept_embeds, concept_lexical,
+                                   concept_masks, spaces)
         score = calibrated(raw, zero, one).to(prompt_embeds.device)
         unknown = torch.isnan(raw).any(dim=1)
         if unknown.any():
@@ -310,7 +358,10 @@ class MembraneHandle:
             concepts = list(m.concepts) or [m.name]
             prompts += concepts
             owners += [i] * len(concepts)
-            calibration += [Calibration.from_membrane(m, default)] * len(concepts)
+            cal = Calibration.from_membrane(m, default)
+            if self.similarity == "lexical" and cal.similarity != "lexical":
+                cal = Calibration(self.threshold, 1.0, "lexical")  # its points hold for another similarity
+            calibration += [cal] * len(concepts)
         self.concept_prompts = prompts
         self.concept_owner = owners
         self.calibration = calibration
@@ -320,6 +371,18 @@ class MembraneHandle:
         self.concept_embeds = self.model.encode(prompts).hidden.float()
         self.concept_ids = [self.model.token_ids(p, self.content_only) for p in prompts]
         self.concept_masks = [self.model.content_mask(p, self.content_only) for p in prompts]
+        self.spaces = [c.similarity for c in calibration]
+        self.concept_lexical = (self.model.lexical_of(prompts).to(self.concept_embeds.device)
+                                if "lexical" in self.spaces else None)
+
+    def _prompt_lexical(self, hidden: torch.Tensor, found) -> torch.Tensor | None:
+        """``[B, T, D]`` lexical embeddings of the batch's prompts from their recorded token ids (zeros for
+        rows whose tokens are unknown); ``None`` when no membrane is scored on them."""
+        if self.concept_lexical is None:
+            return None
+        pad = torch.zeros(hidden.shape[1], dtype=torch.long)
+        ids = torch.stack([f[4] if f[4] is not None and f[4].shape[0] == hidden.shape[1] else pad for f in found])
+        return self.model.lexical(ids).to(hidden.device)
 
     # -- hooks -----------------------------------------------------------------------------
     def _record_tokens(self, module, args, kwargs, output) -> None:
@@ -407,7 +470,8 @@ class MembraneHandle:
         gamma = permeability(hidden, [f[0] for f in found], self.concept_embeds, self.concept_ids,
                              self.concept_owner, len(self.membranes), self.facilitate, similarity=self.similarity,
                              prompt_masks=[f[1] for f in found], concept_masks=self.concept_masks,
-                             threshold=self.threshold, calibration=self.calibration)
+                             threshold=self.threshold, calibration=self.calibration,
+                             prompt_lexical=self._prompt_lexical(hidden, found), concept_lexical=self.concept_lexical)
         if self.scaling == "official":
             gamma = gamma.pow(2)  # the official code scales both factors of the membrane by gamma
         return gamma * self.scales.to(gamma.device)
@@ -424,8 +488,16 @@ class MembraneHandle:
         ids = torch.stack([found[b][4] for b in rows])
         owner = torch.as_tensor(self.concept_owner, device=gamma.device)
         # the tail is set below from the final per-membrane permeability
-        per_concept = token_gate(hidden[rows], content, tail, torch.ones(len(rows), len(owner)),
-                                 self.concept_embeds, self.concept_masks, self.calibration, ids, self.concept_ids)
+        lexical = self._prompt_lexical(hidden, [found[b] for b in rows])
+        per_concept = torch.zeros(len(rows), hidden.shape[1], len(owner), device=hidden.device)
+        for name, prompts, concepts in (("token", hidden[rows], self.concept_embeds),
+                                        ("lexical", lexical, self.concept_lexical)):
+            cols = [c for c, space in enumerate(self.spaces) if space == name]
+            if cols:
+                per_concept[:, :, cols] = token_gate(
+                    prompts, content, tail, torch.ones(len(rows), len(cols)), concepts[cols],
+                    [self.concept_masks[c] for c in cols], [self.calibration[c] for c in cols], ids,
+                    [self.concept_ids[c] for c in cols]).to(per_concept.device)
         per_concept = (self.facilitate * per_concept).to(gamma.device)
         if self.scaling == "official":
             per_concept = per_concept.pow(2)
@@ -475,7 +547,9 @@ def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = Tr
 
     Without transport every membrane is fully open (times its scale) for every prompt. ``similarity``
     picks the permeability's similarity (module docstring): ``"token"`` (default; each membrane's calibrated
-    zero and one points from its header, ``threshold`` as the zero point of membranes without one),
+    similarity with its zero and one points from its header, ``threshold`` as the zero point of membranes
+    without one), ``"lexical"`` (every membrane on the input token embeddings; the points of membranes
+    calibrated for another similarity are ``threshold`` and 1),
     ``"content"`` (``threshold`` is its zero point) or the paper's ``"paper"``. ``scaling="official"``
     applies gamma squared, as the official inference code does. On ToyWorld the paper's similarity opened
     membranes to 0.92 for unrelated prompts and counted "a" as a shared token (docs/erasure.md).
@@ -489,29 +563,34 @@ def apply_membranes(pipe, membranes: Sequence[Membrane], *, transport: bool = Tr
 
 @torch.no_grad()
 def calibrate_transport(pipe, concepts: Sequence[str], corpus, *, limit: int = 256,
-                        quantile: float = 0.99, margin: float = 0.01) -> Calibration:
-    """Zero and one points of the ``"token"`` similarity for a membrane erasing ``concepts``, from the
-    text encoder of ``pipe`` and a caption corpus (``spm_train.prompts.PromptCorpus``).
+                        quantile: float = 0.99, margin: float = 0.01, similarity: str = "token") -> Calibration:
+    """Zero and one points of the per-token ``similarity`` (``"token"`` or ``"lexical"``) for a membrane
+    erasing ``concepts``, from the text encoder of ``pipe`` and a caption corpus
+    (``spm_train.prompts.PromptCorpus``).
 
     ``zero``: the ``quantile`` of the scores of captions that mention none of the concepts, plus
     ``margin``: unrelated prompts leave the membrane closed. ``one``: the median score of captions that
     mention a concept (its other phrasings), at least ``zero + margin``: a typical phrasing opens it fully.
     """
+    if similarity not in PER_TOKEN:
+        raise ValueError(f"calibrated similarity {similarity!r} is not one of {list(PER_TOKEN)}")
     model = ModelAdapter(pipe)
     concepts = list(concepts)
     phrasings = [p for c in concepts for p in corpus.phrasings(c, limit)]
     unrelated = corpus.unrelated(concepts, limit)
     if not unrelated:
         raise ValueError(f"the corpus {corpus.source!r} has no caption without {concepts}: cannot calibrate")
-    c_embeds = model.encode(concepts).hidden.float()
+    def view(prompts: list[str]) -> torch.Tensor:
+        return model.lexical_of(prompts) if similarity == "lexical" else model.encode(prompts).hidden.float()
+
+    c_embeds = view(concepts)
     c_masks = [model.content_mask(c) for c in concepts]
 
     def best(prompts: list[str]) -> torch.Tensor:
         scores = []
         for lo in range(0, len(prompts), 64):
             chunk = prompts[lo:lo + 64]
-            raw = token_similarity(model.encode(chunk).hidden.float(), [model.content_mask(p) for p in chunk],
-                                   c_embeds, c_masks)
+            raw = token_similarity(view(chunk), [model.content_mask(p) for p in chunk], c_embeds, c_masks)
             scores.append(raw.max(dim=1).values)
         return torch.cat(scores)
 
@@ -519,6 +598,6 @@ def calibrate_transport(pipe, concepts: Sequence[str], corpus, *, limit: int = 2
     one = float(torch.quantile(best(phrasings), 0.5)) if phrasings else 1.0
     one = min(max(one, zero + margin), 1.0)
     zero = min(zero, one - margin)
-    logger.info("transport calibration of %s: zero %.3f, one %.3f (%d phrasings, %d unrelated captions)",
-                concepts, zero, one, len(phrasings), len(unrelated))
-    return Calibration(zero, one)
+    logger.info("%s transport calibration of %s: zero %.3f, one %.3f (%d phrasings, %d unrelated captions)",
+                similarity, concepts, zero, one, len(phrasings), len(unrelated))
+    return Calibration(zero, one, similarity)
