@@ -113,8 +113,10 @@ SCOPES = ("transformer", "attention", "cross_attention", "cross_attention_kv")
 # layers that read the prompt (cross-attention keys and values), trained and applied with the same gate: on
 # the concept's tokens (and tokens close to them) and on the end-of-text and padding positions, which sum up
 # the prompt; "word": the same on the concept's tokens only, every other position left as the base reads it
-# (docs/erasure.md: the summary positions carry the rest of the prompt, which "token" loses)
-GATES = ("none", "token", "word")
+# (docs/erasure.md: the summary positions carry the rest of the prompt, which "token" loses); "causal": as
+# "token", and every position after an open one opens at least as far, since a causal text encoder writes
+# the concept into each later output ("a cross, blue and checked": "blue" and "checked" carry the cross)
+GATES = ("none", "token", "word", "causal")
 # the per-token similarities a membrane is calibrated and gated with (spm_train.transport.PER_TOKEN)
 CALIBRATED_SIMILARITIES = ("token", "lexical")
 # "project": every anchor is a sampled embedding; "official": as the official code's anchor batch, half of
@@ -237,7 +239,7 @@ class TrainerConfig:
             problems.append(f"similarity {self.similarity!r} is not one of {list(CALIBRATED_SIMILARITIES)}")
         if self.gate not in GATES:
             problems.append(f"gate {self.gate!r} is not one of {list(GATES)}")
-        elif self.tail_penalty and self.gate != "token":
+        elif self.tail_penalty and self.gate not in ("token", "causal"):
             problems.append(f"tail_penalty acts on the end-of-text positions that gate \"token\" opens; gate is "
                             f"{self.gate!r} (set gate: token or tail_penalty: 0)")
         if self.resolution is not None and (

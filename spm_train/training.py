@@ -300,7 +300,8 @@ class PackTrainer:
     def _setup_gates(self, concept: _Concept) -> None:
         """Token gates of a gated membrane's prompts, as ``apply_membranes`` will open it: the target and
         its phrasings on the concept's tokens and tail, real prompt anchors as far as they are close."""
-        from .transport import Calibration, calibrate_transport, concept_reference, opens_tail, prompt_gates
+        from .transport import (Calibration, calibrate_transport, concept_reference, opens_tail, prompt_gates,
+                                spreads)
 
         spec = concept.spec
         similarity = self.cfg.similarity
@@ -310,7 +311,8 @@ class PackTrainer:
 
         def gated(embeds: PromptEmbeds, prompts: list[str]) -> PromptEmbeds:
             return embeds.with_gate(prompt_gates(self.model, prompts, embeds.hidden, spec.target, concept.calibration,
-                                                 concept.gate_reference, open_tail=opens_tail(self.cfg.gate)))
+                                                 concept.gate_reference, open_tail=opens_tail(self.cfg.gate),
+                                                 spread=spreads(self.cfg.gate)))
 
         concept.target = gated(concept.target, [spec.target])
         if concept.phrasing_pos is not None:

@@ -29,11 +29,13 @@ scores each membrane in that one, so ``"lexical"`` membranes open as trained wit
 
 Function words (``spm_train.prompts.FUNCTION_WORDS``) never open a membrane outside ``"paper"``.
 
-Gated membranes (header ``gate: token`` or ``gate: word``, trained with the same ``TrainerConfig.gate``)
+Gated membranes (header ``gate: token``, ``word`` or ``causal``, trained with the same ``TrainerConfig.gate``)
 open per token in the layers that read the prompt, the keys and values of cross-attention (``token_gate``):
 a content token as far as it is close to the concept, every other position not at all, except that
 ``"token"`` also opens the end-of-text and padding positions (where the text encoder sums up the whole
-prompt) as far as the prompt is. The other words of a prompt that names the concept keep their keys and
+prompt) as far as the prompt is, and ``"causal"`` moreover every position after one that opens, at least as
+far (a causal encoder writes the concept into every later output: in "a cross, blue and checked" the
+outputs of "blue" and "checked" carry the cross). The other words of a prompt that names the concept keep their keys and
 values (with ``"word"`` the summary positions too), and so do prompts that open several membranes.
 ``scaling="official"`` reproduces the official inference code, which multiplies both membrane factors
 by gamma (an effect of gamma squared); ``"linear"`` (default) is the paper's formula. ``"shared"`` is
@@ -79,13 +81,18 @@ SIMILARITIES = ("paper", "content", "token", "lexical")
 PER_TOKEN = CALIBRATED_SIMILARITIES  # the calibrated per-token similarities a membrane header names
 SCALINGS = ("linear", "official", "shared")
 TRANSPORT_KEY = "transport"  # header key of a membrane's calibrated transport
-GATE_KEY = "gate"  # header key: "token" or "word" for a membrane that opens per token
-GATED = ("token", "word")
+GATE_KEY = "gate"  # header key: "token", "word" or "causal" for a membrane that opens per token
+GATED = ("token", "word", "causal")
 
 
 def opens_tail(gate: str | None) -> bool:
-    """Whether a gated membrane of kind ``gate`` opens the end-of-text and padding positions ("token")."""
-    return gate == "token"
+    """Whether a gated membrane of kind ``gate`` opens the end-of-text and padding positions."""
+    return gate in ("token", "causal")
+
+
+def spreads(gate: str | None) -> bool:
+    """Whether a gated membrane of kind ``gate`` opens every position after an open one ("causal")."""
+    return gate == "causal"
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,7 @@ def calibrated(raw: torch.Tensor, zero: torch.Tensor, one: torch.Tensor) -> torc
 def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.Tensor, prompt_gamma: torch.Tensor,
                concept_embeds: torch.Tensor, concept_masks: Sequence[torch.Tensor],
                calibration: Sequence[Calibration], prompt_ids: torch.Tensor | None = None,
-               concept_ids: Sequence[set[int]] | None = None) -> torch.Tensor:
+               concept_ids: Sequence[set[int]] | None = None, spread: Sequence[bool] | None = None) -> torch.Tensor:
     """``[B, T, C]`` per-token openings of each concept's membrane.
 
     A content position (``content[b, t]``) opens fully when it holds one of the concept's own tokens
@@ -175,7 +182,9 @@ def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.T
     contextual embedding is close to the concept's closest content token, mapped by the concept's
     calibration (synonyms and paraphrases); end-of-text and padding positions
     (``tail``), which the causal text encoder fills with a summary of the whole prompt, open as far as the
-    prompt does (``prompt_gamma[b, c]``); start, function-word and punctuation positions stay closed."""
+    prompt does (``prompt_gamma[b, c]``); start, function-word and punctuation positions stay closed.
+    ``spread[c]`` (gate ``"causal"``): every position opens at least as far as the most open position
+    before it, since a causal text encoder writes the concept into every later output."""
     e = torch.nn.functional.normalize(prompt_embeds.float(), dim=-1)
     out = torch.zeros(*e.shape[:2], concept_embeds.shape[0], device=e.device)
     for c, (ce, cm) in enumerate(zip(concept_embeds, concept_masks)):
@@ -187,6 +196,9 @@ def token_gate(prompt_embeds: torch.Tensor, content: torch.Tensor, tail: torch.T
             own = torch.isin(prompt_ids.to(out.device), torch.tensor(sorted(concept_ids[c]), device=out.device))
             out[:, :, c] = torch.where(own, torch.ones_like(out[:, :, c]), out[:, :, c])
     out = out * content.to(out.device).unsqueeze(-1)
+    cols = [c for c, on in enumerate(spread or ()) if on]
+    if cols:
+        out[:, :, cols] = out[:, :, cols].cummax(dim=1).values
     return torch.where(tail.to(out.device).unsqueeze(-1), prompt_gamma.to(out).unsqueeze(1), out)
 
 
@@ -199,14 +211,14 @@ def concept_reference(model: ModelAdapter, concept: str, similarity: str = "toke
 
 def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: torch.Tensor, concept: str,
                  calibration: Calibration, reference: tuple | None = None,
-                 open_tail: bool = True) -> torch.Tensor:
+                 open_tail: bool = True, spread: bool = False) -> torch.Tensor:
     """``[N, T]`` token gate of one concept's membrane for prompts encoded as ``hidden`` (training).
 
     ``prompts=None`` for embeddings that are no prompt (sampled anchors): every position counts as a
     content token and none as the tail; under ``"lexical"`` they hold no token, so the membrane stays
     closed on them. ``reference``: ``concept_reference(model, concept, calibration.similarity)``, when the
     caller keeps it. ``open_tail=False`` (``gate="word"``) keeps the end-of-text and padding positions
-    closed."""
+    closed; ``spread`` (``gate="causal"``) opens every position after an open one at least as far."""
     lexical = calibration.similarity == "lexical"
     if reference is None:
         reference = concept_reference(model, concept, calibration.similarity)
@@ -232,7 +244,8 @@ def prompt_gates(model: ModelAdapter, prompts: Sequence[str] | None, hidden: tor
                                              torch.tensor([calibration.one])), overlap)
         else:
             gamma = torch.zeros(len(prompts), 1)
-    gate = token_gate(compare, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids)
+    gate = token_gate(compare, content, tail, gamma, c_embeds, c_masks, [calibration], ids, c_ids,
+                      [spread and prompts is not None])
     return gate[..., 0].to(hidden.device)
 
 
@@ -368,6 +381,7 @@ class MembraneHandle:
         self.gated = torch.tensor([m.extra.get(GATE_KEY) in GATED for m in self.membranes])
         # a "word" membrane keeps the summary positions closed (read for gated membranes only)
         self.tail_open = torch.tensor([float(opens_tail(m.extra.get(GATE_KEY))) for m in self.membranes])
+        self.spread = [spreads(self.membranes[i].extra.get(GATE_KEY)) for i in owners]
         self.concept_embeds = self.model.encode(prompts).hidden.float()
         self.concept_ids = [self.model.token_ids(p, self.content_only) for p in prompts]
         self.concept_masks = [self.model.content_mask(p, self.content_only) for p in prompts]
@@ -497,7 +511,7 @@ class MembraneHandle:
                 per_concept[:, :, cols] = token_gate(
                     prompts, content, tail, torch.ones(len(rows), len(cols)), concepts[cols],
                     [self.concept_masks[c] for c in cols], [self.calibration[c] for c in cols], ids,
-                    [self.concept_ids[c] for c in cols]).to(per_concept.device)
+                    [self.concept_ids[c] for c in cols], [self.spread[c] for c in cols]).to(per_concept.device)
         per_concept = (self.facilitate * per_concept).to(gamma.device)
         if self.scaling == "official":
             per_concept = per_concept.pow(2)

@@ -131,6 +131,37 @@ def test_training_gates_open_the_concept_token_after_any_context_and_close_unrel
     assert sampled.shape == hidden[:2].shape[:2] and sampled.max() == 0  # random anchors sit far from "red"
 
 
+def test_causal_gates_open_every_position_after_the_concept_and_nothing_before(toyworld):
+    from spm_train.transport import prompt_gates
+
+    concept = torch.zeros(1, 4, 3)
+    concept[0, 1] = torch.tensor([1.0, 0, 0])
+    prompt = torch.tensor([[[0.0, 0, 1], [0.6, 0.8, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]).float()
+    content = torch.tensor([[False, True, True, True, False, False]])
+    tail = torch.tensor([[False, False, False, False, False, True]])
+    args = (prompt, content, tail, torch.tensor([[0.7]]), concept, [torch.tensor([0, 1, 0, 0]).bool()],
+            [Calibration(zero=0.5, one=0.9)])
+    torch.testing.assert_close(token_gate(*args)[0, :, 0], torch.tensor([0.0, 0.25, 0.0, 1.0, 0.0, 0.7]))
+    # each position at least as open as the most open one before it (a function word after it too)
+    torch.testing.assert_close(token_gate(*args, spread=[True])[0, :, 0],
+                               torch.tensor([0.0, 0.25, 0.25, 1.0, 1.0, 0.7]))
+    model = ModelAdapter(toyworld)
+    prompts = ["a square, red and striped", "a red square", "a green circle"]
+    cal = Calibration(zero=0.98, one=0.99)
+    hidden = model.encode(prompts).hidden
+    token = prompt_gates(model, prompts, hidden, "red", cal)
+    causal = prompt_gates(model, prompts, hidden, "red", cal, spread=True)
+    for row, prompt in enumerate(prompts[:2]):
+        ids = model.padded_ids(prompt).tolist()
+        red = ids.index(toyworld.tokenizer.convert_tokens_to_ids("red</w>"))
+        assert causal[row, :red].sum() == 0 and bool((causal[row, red:] == 1).all())
+        assert token[row, red + 1:ids.index(toyworld.tokenizer.eos_token_id)].sum() == 0
+    assert causal[2].sum() == 0
+    with pytest.raises(ConfigError, match="tail_penalty acts on"):
+        TrainerConfig(gate="word", tail_penalty=0.1)
+    assert TrainerConfig(gate="causal", tail_penalty=0.1).gate == "causal"
+
+
 def test_tail_positions_start_at_the_first_end_of_text():
     ids = torch.tensor([[49406, 5, 6, 49407, 49407], [49406, 49407, 49407, 49407, 49407]])
     assert tail_positions(ids, 49407).tolist() == [[False, False, False, True, True],
@@ -267,6 +298,19 @@ def test_shared_scaling_splits_the_tail_among_the_membranes_open_on_a_prompt(toy
     alone = _tokens_seen(toyworld, [gated_red], prompts, facilitate=2.0, scaling="shared")
     assert torch.allclose(alone[0, eos:], torch.full_like(alone[0, eos:], 2.0))
     assert alone[0, red].item() == 2.0
+
+
+def test_a_causal_membrane_is_trained_and_opened_from_its_concept_on(toyworld, gated_red):
+    causal = _train_red(toyworld, "causal")
+    assert causal.extra[GATE_KEY] == "causal"
+    prompts = ["a square, red and striped", "a green circle"]
+    ids = ModelAdapter(toyworld).padded_ids(prompts[0]).tolist()
+    red = ids.index(toyworld.tokenizer.convert_tokens_to_ids("red</w>"))
+    seen = _tokens_seen(toyworld, [causal, gated_red], prompts)  # [prompts, tokens, membranes]
+    assert seen[0, :red].sum() == 0 and bool((seen[0, red:, 0] == 1).all())
+    eos = ids.index(toyworld.tokenizer.eos_token_id)
+    assert seen[0, red + 1:eos, 1].sum() == 0  # beside it, a "token" membrane keeps the other words closed
+    assert seen[1].sum() == 0
 
 
 def _tail_energy(pipe, membrane, prompt="a red square") -> float:
