@@ -298,7 +298,7 @@ TRAINER_PRESETS: dict[str, TrainerConfig] = {
     "toyworld": TrainerConfig(iterations=150, lr=3e-3, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
                               max_denoising_steps=10, anchors_per_step=4, la_strength=1.0, log_every=10,
                               checkpoint_every=50, max_grad_norm=1.0, phrasings=4, prompt_anchors=4,
-                              corpus="toyworld", calibrate=True, gate="token"),
+                              corpus="toyworld", calibrate=True, gate="token", similarity="lexical"),
     # Seconds on a CPU with tiny models: for tests and smoke runs, not for real erasure.
     "smoke": TrainerConfig(iterations=4, lr=1e-3, lr_scheduler="constant", lr_warmup_steps=0,
                            max_denoising_steps=4, anchors_per_step=2, log_every=1),

@@ -111,7 +111,7 @@ def test_a_lexical_membrane_opens_as_it_was_trained_beside_a_contextual_one(toyw
     lexical = _train_red(toyworld, similarity="lexical")
     header = json.loads(lexical.extra[TRANSPORT_KEY])
     assert header["similarity"] == "lexical" and header["zero"] < 0.9
-    contextual = dataclasses.replace(_train_red(toyworld), name="red_token")
+    contextual = dataclasses.replace(_train_red(toyworld, similarity="token"), name="red_token")
     assert json.loads(contextual.extra[TRANSPORT_KEY])["similarity"] == "token"
     prompts = ["a red square", "a square, red", "a green circle", "a blue triangle"]
     with apply_membranes(toyworld, [lexical]) as handle:  # the default reads the header
